@@ -1,0 +1,1384 @@
+"""
+Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
+
+A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
+a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
+Training: Muon + Adam, wallclock-capped, EMA/SWA, late QAT. Artifact: int6 (RTN or GPTQ) + LZMA.
+Evaluation: exact bits per byte, sliding windows, score-first test-time training.
+
+Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py        (knobs: environment variables, see Hyperparameters)
+      SMOKE=1 python3 train_gpt.py                                  (small model on an embedded sample, CPU or GPU)
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# -----------------------------------------------------------------------------------------------------------------
+# Hyperparameters: every knob, read from the environment, checked before any heavy work
+# -----------------------------------------------------------------------------------------------------------------
+
+SIZE_CAP_BYTES = 16_000_000  # the challenge's limit on code + compressed weights (decimal bytes)
+
+
+class ConfigError(ValueError):
+    """A user mistake (environment, files, data): reported as one line, without a traceback."""
+
+
+def _parse(name: str, raw: str, kind: type):
+    try:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(raw)
+    except ValueError:
+        expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+
+
+def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None):
+    """One knob: the environment's value (or the default), parsed as `kind` and checked against its range."""
+    kind = kind or type(default)
+    raw = os.environ.get(name, "")
+    value = default if raw == "" else _parse(name, raw, kind)
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name}={value}: expected a value >= {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}={value}: expected a value <= {hi}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+EMBEDDED_SAMPLE_DIR = "./data/datasets/embedded_pydoc_byte260"
+# SMOKE=1 changes these defaults (environment values still win): a small model on the embedded sample, ~3 min on CPU.
+SMOKE_DEFAULTS = dict(
+    DATA_PATH=EMBEDDED_SAMPLE_DIR, TOKENIZER_PATH=f"{EMBEDDED_SAMPLE_DIR}/tokenizer.json", MODEL_DIM=128,
+    NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=2, DECODER_LAYERS=2, LATENT_DIM=64, TRAIN_SEQ_LEN=511,
+    TRAIN_BATCH_TOKENS=8176, VAL_BATCH_SIZE=32704, ITERATIONS=200, WARMDOWN_ITERS=60, WARMUP_STEPS=2,
+    MUON_MOMENTUM_WARMUP_STEPS=50, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=25, EMA_DECAY=0.98,
+    TTT_CHUNK_TOKENS=8192, TTT_BATCH_SEQS=8, TTT_LOG_EVERY=4, GPTQ_RESERVE_SECONDS=0.0,
+)
+
+
+class Hyperparameters:
+    """Reads every knob from the environment at construction, then checks that they fit together."""
+
+    def __init__(self):
+        self.smoke = env("SMOKE", False)  # embedded sample + small model, for a laptop or CI
+        d = SMOKE_DEFAULTS if self.smoke else {}
+
+        def knob(name, default, *a, **k):
+            return env(name, d.get(name, default), *a, **k)
+
+        # data and run
+        self.data_path = knob("DATA_PATH", "./data/datasets/fineweb10B_byte260", str)
+        self.tokenizer_path = knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_pure_byte_260.json", str)
+        self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
+        self.seed = knob("SEED", 1337)
+        self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
+        self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
+        # model
+        self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
+        self.patch_size = knob("PATCH_SIZE", 8, lo=1)
+        self.model_dim = knob("MODEL_DIM", 480, lo=2)
+        self.num_heads = knob("NUM_HEADS", 6, lo=1)  # encoder query heads
+        self.num_kv_heads = knob("NUM_KV_HEADS", 3, lo=1)  # encoder key/value heads (GQA)
+        self.num_layers = knob("NUM_LAYERS", 5, lo=1)  # unique encoder blocks
+        self.encoder_repeats = knob("ENCODER_REPEATS", 2, lo=1)  # depth recurrence: each block applied this often
+        self.decoder_layers = knob("DECODER_LAYERS", 7, lo=1)
+        self.decoder_heads = knob("DECODER_HEADS", 4, lo=1)
+        self.latent_dim = knob("LATENT_DIM", 192, lo=1)  # JEPA latent, also the decoder's conditioning
+        self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
+        self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
+        self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)
+        self.sigreg_slices = knob("SIGREG_SLICES", 256, lo=1)  # random 1-D projections per step
+        self.ce_weight = knob("CE_WEIGHT", 3.0, lo=0.0)
+        self.jepa_weight = knob("JEPA_WEIGHT", 0.5, lo=0.0)
+        self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
+        # training
+        self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
+        self.train_batch_tokens = knob("TRAIN_BATCH_TOKENS", 524_032, lo=1)  # targets per optimizer step
+        self.iterations = knob("ITERATIONS", 20_000, lo=0)
+        self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
+        self.warmdown_iters = knob("WARMDOWN_ITERS", 3500, lo=0)  # linear LR decay over this many steps' worth
+        self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
+        self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
+        self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only
+        self.val_batch_size = knob("VAL_BATCH_SIZE", 524_032, lo=1)  # targets per evaluation forward, all ranks
+        self.use_compile = knob("USE_COMPILE", True)  # torch.compile on CUDA (ignored on CPU)
+        self.matrix_lr = knob("MATRIX_LR", 0.025, lo=0.0)  # Muon
+        self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
+        self.head_lr = knob("HEAD_LR", 0.02, lo=0.0)  # Adam: output head
+        self.scalar_lr = knob("SCALAR_LR", 0.025, lo=0.0)  # Adam: scales, mixes, gains, start latent
+        self.muon_momentum = knob("MUON_MOMENTUM", 0.99, lo=0.0, hi=1.0)
+        self.muon_momentum_warmup_start = knob("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0.0, hi=1.0)
+        self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
+        self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
+        self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
+        self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
+        self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
+        # weight averaging and late QAT
+        self.weight_avg = knob("WEIGHT_AVG", "ema", str, choices=("ema", "swa", "none"))
+        self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)
+        self.swa_every = knob("SWA_EVERY", 50, lo=1)
+        self.swa_start_scale = knob("SWA_START_SCALE", 0.2, lo=0.0, hi=1.0)
+        self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.15, lo=0.0, hi=1.0)  # LR scale below which QAT runs
+        # artifact
+        self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
+        self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
+        self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", 20.0, lo=0.0)  # cut from training for calibration
+        # evaluation
+        self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
+        self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
+        self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
+        self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", 256, lo=1)
+        self.ttt_enabled = knob("TTT_ENABLED", True)
+        self.ttt_lr = knob("TTT_LR", 0.002, lo=0.0)
+        self.ttt_epochs = knob("TTT_EPOCHS", 2, lo=0)
+        self.ttt_chunk_tokens = knob("TTT_CHUNK_TOKENS", 32_768, lo=1)
+        self.ttt_momentum = knob("TTT_MOMENTUM", 0.9, lo=0.0, hi=1.0)
+        self.ttt_batch_seqs = knob("TTT_BATCH_SEQS", 32, lo=1)  # adaptation sequences per step, all ranks
+        self.ttt_grad_clip = knob("TTT_GRAD_CLIP", 1.0, lo=0.0)  # 0 = no clipping
+        self.ttt_freeze_blocks = knob("TTT_FREEZE_BLOCKS", 0, lo=0)  # leading encoder blocks kept fixed in TTT
+        self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
+        # 600 s allowed; 40 s kept back for process start, NCCL init and artifact decoding (before the clock we
+        # can see) and for the error of the finishing-time projection (~5% of the scoring time).
+        self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)
+        self.check()
+
+    @property
+    def window(self) -> int:
+        return self.train_seq_len + 1
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.world_size
+
+    def check(self):
+        """Combinations that cannot work; files are checked by `check_inputs`."""
+        if 8 % self.world_size:
+            raise ConfigError(f"WORLD_SIZE={self.world_size}: expected a divisor of 8 (1, 2, 4 or 8 processes)")
+        if self.window % self.patch_size:
+            raise ConfigError(f"TRAIN_SEQ_LEN={self.train_seq_len}, PATCH_SIZE={self.patch_size}: "
+                              f"TRAIN_SEQ_LEN+1 must be a multiple of PATCH_SIZE")
+        per_step = 8 * self.train_seq_len  # world_size x grad_accum_steps x sequence
+        for name, value in (("TRAIN_BATCH_TOKENS", self.train_batch_tokens), ("VAL_BATCH_SIZE", self.val_batch_size)):
+            if value % per_step:
+                raise ConfigError(f"{name}={value}: expected a multiple of world_size x grad_accum_steps x "
+                                  f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
+                                  f"{self.train_seq_len} = {per_step}")
+        for dim, heads, kv, label in ((self.model_dim, self.num_heads, self.num_kv_heads, "NUM_HEADS"),
+                                      (self.model_dim, self.decoder_heads, self.decoder_heads, "DECODER_HEADS")):
+            if dim % heads or (dim // heads) % 2:
+                raise ConfigError(f"MODEL_DIM={dim}, {label}={heads}: expected heads dividing MODEL_DIM into an "
+                                  f"even head size (rotary embeddings rotate pairs)")
+            if heads % kv:
+                raise ConfigError(f"NUM_HEADS={heads}, NUM_KV_HEADS={kv}: expected NUM_KV_HEADS dividing NUM_HEADS")
+        if self.val_sliding_stride % self.patch_size or self.val_sliding_stride > self.train_seq_len:
+            raise ConfigError(f"VAL_SLIDING_STRIDE={self.val_sliding_stride}: expected a multiple of PATCH_SIZE="
+                              f"{self.patch_size} no larger than TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.ttt_chunk_tokens % self.window:
+            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
+                              f"TRAIN_SEQ_LEN+1={self.window}")
+        if self.ttt_freeze_blocks > self.num_layers:
+            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
+                              f"{self.num_layers}")
+        cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
+        if self.quant == "gptq" and cap > 0 and reserve >= cap:
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: the reserve must be "
+                              f"shorter than the cap")
+
+    def training_cap_seconds(self) -> float:
+        """Seconds the training loop may run: the cap, less what GPTQ calibration needs inside the budget."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant == "gptq" else 0.0)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample
+# -----------------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
+PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260,  # as the challenge's exporter writes it
+                       "config": {"pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET,
+                                  "byte_count": 256}}
+
+
+def encode_document(text: str) -> np.ndarray:
+    """One document as the official exporter writes it: BOS, then its UTF-8 bytes shifted by 4 (no EOS)."""
+    body = np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.uint16) + BYTE_OFFSET
+    return np.concatenate((np.array([BOS_ID], dtype=np.uint16), body))
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Writes one shard atomically (concurrent writers of the same content cannot leave a torn file)."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path: Path) -> int:
+    """Token count of a shard, after checking its magic, version and file size."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: shard file not found")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: not a byte260 shard (expected magic {SHARD_MAGIC} and version {SHARD_VERSION} "
+                          f"in a {HEADER_INTS * 4}-byte header)")
+    count, size = int(header[2]), path.stat().st_size
+    if count < 0 or size != HEADER_INTS * 4 + 2 * count:
+        raise ConfigError(f"{path}: file is {size} bytes but its header promises {count} tokens "
+                          f"({HEADER_INTS * 4 + 2 * count} bytes); the shard is truncated or corrupt")
+    return count
+
+
+def load_data_shard(path: str | Path, vocab_size: int = 260) -> np.ndarray:
+    """A shard's tokens (uint16), checked against the header and the vocabulary."""
+    path = Path(path)
+    count = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
+    if count and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token id {int(tokens.max())} is outside the vocabulary (VOCAB_SIZE={vocab_size})")
+    return tokens
+
+
+def shard_paths(data_path: str, split: str) -> list[Path]:
+    return sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+
+
+def check_inputs(args: Hyperparameters) -> None:
+    """Every file the run will need, checked before any process group or model exists."""
+    if args.eval_only and not Path(args.eval_only).is_file():
+        raise ConfigError(f"EVAL_ONLY={args.eval_only}: artifact file not found")
+    if args.smoke and Path(args.data_path) == Path(EMBEDDED_SAMPLE_DIR):
+        build_embedded_sample(Path(args.data_path))
+    if args.vocab_size != PURE_BYTE_TOKENIZER["vocab_size"]:
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size}: this model reads the pure-byte vocabulary of 260 ids")
+    tok = Path(args.tokenizer_path)
+    try:
+        meta = json.loads(tok.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={tok}: cannot read a JSON tokenizer description ({e})") from None
+    if meta.get("tokenizer_type") != "pure_byte" or meta.get("vocab_size") != args.vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={tok}: expected tokenizer_type 'pure_byte' with vocab_size "
+                          f"{args.vocab_size}, found {meta.get('tokenizer_type')!r} with {meta.get('vocab_size')!r}")
+    for split in ("val",) if args.eval_only else ("train", "val"):
+        paths = shard_paths(args.data_path, split)
+        if not paths:
+            raise ConfigError(f"DATA_PATH={args.data_path}: no fineweb_{split}_*.bin shards. Prepare FineWeb with "
+                              f"`python3 data/prepare.py`, or run SMOKE=1 for the embedded sample")
+        for p in paths:
+            read_shard_header(p)
+    val_targets = sum(read_shard_header(p) for p in shard_paths(args.data_path, "val")) - 1
+    if val_targets < args.train_seq_len:
+        raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {val_targets} targets, fewer than "
+                          f"one window (TRAIN_SEQ_LEN={args.train_seq_len})")
+
+
+def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
+    return np.concatenate([load_data_shard(p, args.vocab_size) for p in shard_paths(args.data_path, "val")])
+
+
+class TokenStream:
+    """The training shards read in order, cycling; `take(n)` returns the next n tokens."""
+
+    def __init__(self, paths: list[Path], vocab_size: int):
+        self.paths, self.vocab_size = paths, vocab_size
+        self.index, self.pos = 0, 0
+        self.tokens = load_data_shard(paths[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.paths)
+                self.tokens, self.pos = load_data_shard(self.paths[self.index], self.vocab_size), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step every rank takes its own contiguous span of the stream; spans of successive ranks and
+    micro-steps tile the stream in the same order whatever the world size, so a global batch is the same bytes
+    on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
+
+    def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
+        self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
+        self.rank, self.world, self.device = rank, args.world_size, device
+        self.seq = args.train_seq_len
+        self.seqs = args.train_batch_tokens // (8 * self.seq)  # per rank and micro-step
+
+    def next_batch(self) -> Tensor:
+        span = self.seqs * self.seq + 1
+        chunk = self.stream.take(span * self.world)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        return local.unfold(0, self.seq + 1, self.seq).to(self.device, non_blocking=True)
+
+
+def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
+    """The sample every Python carries: pydoc's topic texts (~465 KB) as byte260 shards, built once and cached."""
+    if (out_dir / "tokenizer.json").is_file():
+        return
+    from pydoc_data.topics import topics  # the standard library's help texts
+
+    docs = [encode_document(topics[k]) for k in sorted(topics)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_shard(out_dir / "fineweb_val_000000.bin", np.concatenate(docs[:num_val_docs]))
+    write_shard(out_dir / "fineweb_train_000000.bin", np.concatenate(docs[num_val_docs:]))
+    tmp = out_dir / f"tokenizer.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(PURE_BYTE_TOKENIZER, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / "tokenizer.json")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder
+# -----------------------------------------------------------------------------------------------------------------
+
+CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain")  # kept in fp32 in the artifact
+TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stored in the artifact
+
+
+def fake_quantize_int6(w: Tensor) -> Tensor:
+    """What per-row int6 rounding (scale = row amax / 31) would make of w."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31.0
+    return torch.clamp(torch.round(w / scale), -31, 31) * scale
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight used in the activations' dtype. With `qat` set, training forwards see the weight
+    through straight-through int6 fake quantisation, so the model learns to live with the rounding."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat = False
+        if zero_init:  # residual branches start as the identity
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat and self.training:
+            w = w + (fake_quantize_int6(w) - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotary position embedding over (B, H, T, D). Tables are computed per call: a cache would outlive the
+    inference-mode evaluation that filled it and then meet autograd."""
+    t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
+    angles = torch.outer(t, inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = CastedLinear(dim, dim)
+        self.k = CastedLinear(dim, kv_heads * self.head_dim)
+        self.v = CastedLinear(dim, kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
+        inv_freq = 1.0 / rope_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        # normalised q and k keep attention logits bounded; the learned per-head gain sets their temperature
+        q = apply_rotary(rms_norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), self.inv_freq)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mult * dim)
+        self.proj = CastedLinear(mult * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
+    stream with the stack's input x0."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, heads, kv_heads, rope_base, qk_gain_init)
+        self.mlp = MLP(dim, mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class LatentHead(nn.Module):
+    """RMSNorm -> Linear -> SiLU -> Linear: the JEPA projector (patch embedding -> target latent) and predictor
+    (encoder state of patch p -> latent of patch p+1) share this shape."""
+
+    def __init__(self, dim: int, hidden: int, latent: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.out = CastedLinear(hidden, latent)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.silu(self.fc(rms_norm(x))))
+
+
+def sigreg(z: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
+    """Sketched isotropic-Gaussian regulariser: project z (N, D) on unit directions (D, S) and measure, per
+    projection, the Gaussian-windowed squared distance between the empirical characteristic function and the
+    standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
+    marginals, so the targets can neither collapse nor drift in scale."""
+    proj = z.float() @ directions
+    t = torch.linspace(0.0, t_max, knots, device=z.device)
+    phase = proj.unsqueeze(-1) * t
+    normal_cf = torch.exp(-0.5 * t.square())
+    err = (phase.cos().mean(0) - normal_cf).square() + phase.sin().mean(0).square()
+    trapezoid = torch.full_like(t, t_max / (knots - 1))
+    trapezoid[0] = trapezoid[-1] = trapezoid[0] / 2
+    return (err * normal_cf * trapezoid).sum(-1).mean()
+
+
+def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) -> Tensor:
+    """Unit directions redrawn every step from a seed all ranks share."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(dim, slices, generator=g)
+    return (d / d.norm(dim=0, keepdim=True)).to(device)
+
+
+class ByteJEPA(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        d, V, P, L = args.model_dim, args.vocab_size, args.patch_size, args.latent_dim
+        self.patch_size = P
+        self.byte_emb = nn.Embedding(V, d)
+        self.slot_pos = nn.Parameter(torch.randn(P, d) * 0.02)
+        self.patch_proj = CastedLinear(P * d, d)
+        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.num_kv_heads, args.mlp_mult, args.rope_base,
+                                          args.qk_gain_init) for _ in range(args.num_layers))
+        self.encoder_repeats = args.encoder_repeats
+        self.projector = LatentHead(d, args.mlp_mult * d, L)
+        self.predictor = LatentHead(d, args.mlp_mult * d, L)
+        self.start_latent = nn.Parameter(torch.zeros(L))
+        self.dec_emb = nn.Embedding(V, d)
+        self.latent_in = CastedLinear(L, d)
+        self.dec_blocks = nn.ModuleList(Block(d, args.decoder_heads, args.decoder_heads, args.mlp_mult,
+                                              args.rope_base, args.qk_gain_init) for _ in range(args.decoder_layers))
+        self.head = CastedLinear(d, V, zero_init=True)
+
+    def embed_patches(self, ids: Tensor) -> Tensor:
+        """(B, L) bytes -> (B, L/P, d): each slot's byte + position vector normalised, concatenated, projected."""
+        B, L = ids.shape
+        x = self.byte_emb(ids).view(B, L // self.patch_size, self.patch_size, -1) + self.slot_pos
+        return self.patch_proj(rms_norm(x).flatten(2))
+
+    def encode(self, patches: Tensor) -> Tensor:
+        """Causal encoder over patches; its output at patch p has seen bytes of patches <= p only."""
+        x = patches
+        for _ in range(self.encoder_repeats):
+            for block in self.blocks:
+                x = block(x, patches)
+        return rms_norm(x)
+
+    def decode(self, ids: Tensor, predicted: Tensor) -> Tensor:
+        """Decoder states (B, L, d). Byte i of patch p reads byte i-1 (BOS for i = 0) and the latent predicted
+        from patches < p (the start latent for p = 0), so its state depends on bytes < i only."""
+        B, L = ids.shape
+        start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
+        cond = torch.cat((start, predicted[:, :-1]), dim=1).repeat_interleave(self.patch_size, dim=1)
+        prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
+        x = x0 = self.dec_emb(prev) + self.latent_in(cond)
+        for block in self.dec_blocks:
+            x = block(x, x0)
+        return rms_norm(x)
+
+    def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The one forward path: patch embeddings, predicted next-patch latents, decoder states."""
+        patches = self.embed_patches(ids)
+        predicted = self.predictor(self.encode(patches))
+        return patches, predicted, self.decode(ids, predicted)
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        """(B, L) ids, L a multiple of PATCH_SIZE -> (B, L, V) float logits; position i predicts ids[:, i]."""
+        return self.head(self.hidden_states(ids)[2]).float()
+
+    def forward(self, ids: Tensor, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training terms on windows (B, L): mean byte CE over positions 1.. (position 0 is context only), and,
+        given SIGReg directions, the JEPA prediction MSE and SIGReg of the targets (else zeros)."""
+        patches, predicted, h = self.hidden_states(ids)
+        logits = self.head(h[:, 1:]).float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        if directions is None:
+            zero = ce.new_zeros(())
+            return ce, zero, zero
+        targets = self.projector(patches)
+        mse = F.mse_loss(predicted[:, :-1].float(), targets[:, 1:].detach().float())
+        return ce, mse, sigreg(targets.reshape(-1, targets.size(-1)), directions)
+
+
+def build_model(args: Hyperparameters) -> ByteJEPA:
+    """The model on CPU in float32, initialised from SEED."""
+    torch.manual_seed(args.seed)
+    return ByteJEPA(args)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """Where this process runs: CUDA with NCCL and bf16 autocast, or CPU with gloo in float32."""
+
+    def __init__(self, args: Hyperparameters):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), args.world_size
+        self.master = self.rank == 0
+        self.cuda = torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:  # processes on one host share its cores
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None)
+        self.compile = args.use_compile and self.cuda
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
+
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_grads(params: list[Tensor], rt: Runtime) -> None:
+    """Sums gradients over ranks in one flat buffer (a missing gradient counts as zero)."""
+    if rt.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = rt.all_reduce(torch.cat([g.flatten() for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
+    """Approximate U V^T of g = U S V^T with a quintic Newton-Schulz iteration (bf16 on CUDA)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then orthogonalised updates for 2-D weights. Rank r orthogonalises parameters
+    r, r+W, r+2W, ...; one all-reduce of a flat buffer gives every rank every update."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.rt = rt
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.rt.world == self.rt.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]),
+                                                         group["backend_steps"])
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall matrices
+                    flat[offset:offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            self.rt.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset:offset + p.numel()].view_as(p), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors.
+    Every group remembers its base learning rate for the schedule."""
+    embed = [model.byte_emb.weight, model.dec_emb.weight, model.slot_pos]
+    head = [model.head.weight]
+    chosen = {id(p) for p in embed + head}
+    matrices = [p for m in model.modules() if isinstance(m, CastedLinear) for p in [m.weight] if id(p) not in chosen]
+    chosen |= {id(p) for p in matrices}
+    scalars = [p for p in model.parameters() if id(p) not in chosen]
+    adam = torch.optim.Adam([dict(params=embed, lr=args.embed_lr), dict(params=head, lr=args.head_lr),
+                             dict(params=scalars, lr=args.scalar_lr)],
+                            betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=rt.cuda)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, rt)
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Training: schedule, weight averaging, late QAT, the wallclock-capped loop
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the
+    warmdown lasts WARMDOWN_ITERS steps at the step time measured so far)."""
+    cap_ms = 1000.0 * args.training_cap_seconds()
+    if cap_ms <= 0:
+        start = args.iterations - args.warmdown_iters
+        return max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
+    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+
+
+class WeightAverager:
+    """EMA of the weights every step, or SWA: the mean of snapshots every SWA_EVERY steps once the LR scale is
+    below SWA_START_SCALE. `apply` writes the average into the model (what gets exported)."""
+
+    def __init__(self, model: nn.Module, args: Hyperparameters):
+        self.kind, self.args = args.weight_avg, args
+        self.params = list(model.parameters())
+        self.avg = [p.detach().float().clone() for p in self.params] if self.kind == "ema" else \
+            [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.snapshots = 0
+
+    @torch.no_grad()
+    def update(self, step: int, scale: float):
+        if self.kind == "ema":
+            torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params], 1.0 - self.args.ema_decay)
+        elif self.kind == "swa" and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
+            torch._foreach_add_(self.avg, [p.detach().float() for p in self.params])
+            self.snapshots += 1
+
+    @torch.no_grad()
+    def apply(self) -> str:
+        if self.kind == "none" or (self.kind == "swa" and self.snapshots == 0):
+            return f"weight_avg:{self.kind} applied:none (live weights exported)"
+        div = float(self.snapshots) if self.kind == "swa" else 1.0
+        for p, a in zip(self.params, self.avg):
+            p.copy_(a / div)
+        detail = f"decay:{self.args.ema_decay}" if self.kind == "ema" else f"snapshots:{self.snapshots}"
+        return f"weight_avg:{self.kind} {detail} applied"
+
+
+def set_late_qat(model: nn.Module, on: bool) -> None:
+    """Fake-quantise exactly the linear weights the artifact stores as int6."""
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            m.qat = on and stored_as_int6(f"{name}.weight", m.weight)
+
+
+class Trainer:
+    """Owns the model's optimizers, data and schedule; `run` trains until ITERATIONS or the wallclock cap."""
+
+    def __init__(self, args: Hyperparameters, rt: Runtime, model: ByteJEPA, val_tokens: np.ndarray, log):
+        self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
+        self.params = list(model.parameters())
+        self.optimizers = build_optimizers(model, args, rt)
+        self.loss_fn = torch.compile(model) if rt.compile else model
+        self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
+
+    def step(self, step: int, scale: float) -> Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
+        args, accum = self.args, self.args.grad_accum_steps
+        directions = sigreg_directions(args.latent_dim, args.sigreg_slices, args.seed + step, self.rt.device)
+        ce_total = torch.zeros((), device=self.rt.device)
+        for _ in range(accum):
+            ids = self.loader.next_batch()
+            with self.rt.autocast():
+                ce, mse, reg = self.loss_fn(ids, directions)
+            loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
+            (loss / (accum * self.rt.world)).backward()
+            ce_total += ce.detach()
+        all_reduce_grads(self.params, self.rt)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = muon_momentum(step, args)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return ce_total / accum
+
+    def prime(self):
+        """Runs WARMUP_STEPS real steps (compilation, allocator, kernels; the last half with late QAT on so its
+        recompilation is done too), then restores weights, optimizer state and data order."""
+        if self.args.warmup_steps == 0:
+            return
+        weights = copy.deepcopy(self.model.state_dict())
+        states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for i in range(self.args.warmup_steps):
+            set_late_qat(self.model, self.args.late_qat_threshold > 0 and 2 * i >= self.args.warmup_steps)
+            self.step(i, 1.0)
+        set_late_qat(self.model, False)
+        self.model.load_state_dict(weights)
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+        self.loader = DistributedTokenLoader(self.args, self.rt.rank, self.rt.device)
+        self.log(f"warmup_priming: {self.args.warmup_steps} steps done, weights and optimizer state restored")
+
+    def validate(self, step: int, train_ms: float):
+        totals = evaluate_standard(self.model, self.val_tokens, self.args, self.rt)
+        self.log(f"step:{step}/{self.args.iterations} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f} "
+                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+        return totals
+
+    def run(self) -> dict:
+        args, rt, log = self.args, self.rt, self.log
+        self.model.train()
+        self.prime()
+        averager = WeightAverager(self.model, args)
+        cap_ms = 1000.0 * args.training_cap_seconds()
+        train_ms, step, stop_after, qat_on, last_val = 0.0, 0, None, False, None
+        rt.sync()
+        t0 = time.perf_counter()
+        while True:
+            last = step == args.iterations or (stop_after is not None and step >= stop_after)
+            if last or (args.val_loss_every and step % args.val_loss_every == 0):
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                last_val = self.validate(step, train_ms)
+                self.model.train()
+                rt.sync()
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < args.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+                break
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            scale = lr_scale(step, elapsed_ms, args)
+            if not qat_on and scale < args.late_qat_threshold:
+                set_late_qat(self.model, True)
+                qat_on = True
+                log(f"late_qat: on at step:{step} lr_scale:{scale:.4f}")
+            ce = self.step(step, scale)
+            step += 1
+            averager.update(step, scale)
+            if step % args.train_log_every == 0 or step <= 10:
+                ce = rt.all_reduce(ce) / rt.world
+                elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+                log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
+                    f"step_avg:{elapsed_ms / step:.2f}ms")
+            if cap_ms > 0 and stop_after is None:
+                reached = torch.tensor(float(train_ms + 1000.0 * (time.perf_counter() - t0) >= cap_ms),
+                                       device=rt.device)
+                if rt.all_reduce(reached, dist.ReduceOp.MAX).item() > 0:  # every rank stops on the same step
+                    stop_after = step
+        set_late_qat(self.model, False)
+        log(averager.apply())
+        return dict(step_stop=step, train_ms=train_ms, live_val=last_val)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading
+# -----------------------------------------------------------------------------------------------------------------
+
+SMALL_TENSOR_MAX = 65_536  # tensors this small stay fp16: int6 would save little and cost accuracy
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates, chosen per tensor
+QMAX = 31  # int6 values live in [-31, 31]
+ARTIFACT_NAME = "final_model.int6.ptz"
+
+
+class SizeCapExceeded(RuntimeError):
+    """The artifact does not fit the challenge's cap: the run must not pass for a submission."""
+
+
+def stored_as_int6(name: str, t: Tensor) -> bool:
+    return (t.ndim == 2 and t.numel() > SMALL_TENSOR_MAX and not name.startswith(TRAINING_ONLY_PREFIXES)
+            and not any(c in name for c in CONTROL_TENSOR_NAMES))
+
+
+def row_scales(w: Tensor, quantile: float) -> Tensor:
+    """Per-row fp16 scales that map the row's `quantile` of |w| to QMAX (all-zero rows get scale 1)."""
+    clip = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1.0 else w.abs().amax(dim=1)
+    return torch.where(clip > 0, clip / QMAX, torch.ones_like(clip)).half()
+
+
+def quantize_with_scales(w: Tensor, scales: Tensor) -> Tensor:
+    return torch.clamp(torch.round(w / scales.float()[:, None]), -QMAX, QMAX).to(torch.int8)
+
+
+def dequantize(q: Tensor, scales: Tensor) -> Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def quantize_rtn(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
+    w = w.float()
+    best = None
+    for quantile in CLIP_QUANTILES:
+        scales = row_scales(w, quantile)
+        q = quantize_with_scales(w, scales)
+        err = (dequantize(q, scales) - w).square().sum().item()
+        if best is None or err < best[0]:
+            best = (err, q, scales)
+    return best[1], best[2]
+
+
+def quantize_gptq(w: Tensor, hessian: Tensor, block: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """GPTQ: quantise columns one at a time (largest Hessian diagonal first) and push each column's rounding
+    error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs, so the
+    layer's outputs on calibration data move as little as possible. Scales are the RTN choice."""
+    w = w.float().clone()
+    _, scales = quantize_rtn(w)
+    s = scales.float()[:, None]
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0  # inputs never active: their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diag(h).mean() * torch.eye(h.size(0), device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.size(1), block):
+        i2 = min(i1 + block, w.size(1))
+        wb, errs, hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -QMAX, QMAX)
+            q[:, i1 + j:i1 + j + 1] = qj
+            err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
+            wb[:, j:] -= err * hb[j:j + 1, j:]
+            errs[:, j:j + 1] = err
+        w[:, i2:] -= errs @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(order)].to(torch.int8), scales
+
+
+@torch.no_grad()
+def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters,
+                     rt: Runtime) -> dict[str, Tensor]:
+    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES training micro-batches per rank
+    (training data only, as the rules require), averaged over all rows and ranks."""
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in layers.items()}
+    rows = torch.zeros(len(layers), device=rt.device)
+
+    def hook(i, name):
+        def accumulate(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+            sums[name].addmm_(x.T, x)
+            rows[i] += x.size(0)
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(i, name)) for i, (name, m) in enumerate(layers.items())]
+    model.eval()
+    try:
+        for _ in range(args.gptq_calib_batches):
+            with rt.autocast():
+                model.forward_logits(loader.next_batch())
+    finally:
+        for handle in handles:
+            handle.remove()
+    rt.all_reduce(rows)
+    return {f"{name}.weight": rt.all_reduce(sums[name]) / rows[i] for i, name in enumerate(layers)}
+
+
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
+    """The artifact's content: int6 + per-row fp16 scales for large matrices and embeddings (GPTQ where a
+    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach().float().cpu()
+        if name.startswith(TRAINING_ONLY_PREFIXES):
+            continue
+        if stored_as_int6(name, t):
+            h = hessians.get(name) if hessians else None
+            q, scales = quantize_gptq(t, h.cpu()) if h is not None else quantize_rtn(t)
+            out[name] = {"q": q, "scale": scales}
+        elif any(c in name for c in CONTROL_TENSOR_NAMES):
+            out[name] = t
+        else:
+            out[name] = t.half()
+    return out
+
+
+def dequantize_state(qstate: dict) -> dict[str, Tensor]:
+    return {name: dequantize(v["q"], v["scale"]) if isinstance(v, dict) else v.float() for name, v in qstate.items()}
+
+
+def serialize_artifact(qstate: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(qstate, buf)
+    return lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, preset=9)
+
+
+def read_artifact(path: str | Path) -> dict:
+    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+
+
+def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:
+    """A fresh model (CPU, float32) holding the artifact's dequantised weights; QAT off."""
+    model = build_model(args)
+    missing, unexpected = model.load_state_dict(dequantize_state(read_artifact(path)), strict=False)
+    absent = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
+    if absent or unexpected:
+        raise ConfigError(f"{path}: artifact does not match the model configured here (missing {absent[:3]}, "
+                          f"unexpected {unexpected[:3]}); set the same model knobs as the run that wrote it")
+    return model
+
+
+def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES) -> int:
+    """Logs the size lines reviewers parse; raises SizeCapExceeded past the cap. Returns the total."""
+    total = model_bytes + code_bytes
+    log(f"Serialized model int6+lzma: {model_bytes} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size int6+lzma: {total} bytes (cap {cap}, margin {cap - total} bytes)")
+    if total > cap:
+        log(f"!!! SIZE CAP EXCEEDED: {total} bytes is {total - cap} bytes over the {cap}-byte cap; "
+            f"this artifact is not a valid submission !!!")
+        raise SizeCapExceeded(total)
+    return total
+
+
+def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime, log) -> tuple[Path, dict]:
+    """Quantises, compresses and writes the artifact (rank 0), then accounts for its size."""
+    path = Path(ARTIFACT_NAME)
+    if rt.master:
+        blob = serialize_artifact(quantize_state(model.state_dict(), hessians))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    rt.barrier()
+    sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
+    sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log)
+    return path, sizes
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class Totals:
+    """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero)."""
+
+    def __init__(self, values: Tensor | None = None):
+        self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(self.values + other.values)
+
+    @property
+    def loss(self) -> float:
+        return self.values[0].item() / max(self.values[1].item(), 1.0)
+
+    @property
+    def bpb(self) -> float:
+        return self.values[0].item() / math.log(2) / max(self.values[2].item(), 1.0)
+
+    @property
+    def targets(self) -> int:
+        return int(self.values[1].item())
+
+
+def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 0) -> list[tuple[int, int, int]]:
+    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Targets 1..num_tokens-1
+    are each scored exactly once: the first window scores all its targets, later ones the next `stride`
+    targets, each in the window ending at its last scored target (the most left context). With chunk_tokens,
+    no scored range crosses a multiple of it, so every window belongs to one chunk."""
+    if num_tokens < window:
+        raise ValueError(f"{num_tokens} tokens cannot fill one window of {window}")
+    spans, lo = [], 1
+    while lo < num_tokens:
+        hi = min(window if lo == 1 else lo + stride, num_tokens)
+        if chunk_tokens:
+            hi = min(hi, (lo // chunk_tokens + 1) * chunk_tokens)
+        spans.append((max(0, hi - window), lo, hi))
+        lo = hi
+    return spans
+
+
+def rank_share(items: list, rt: Runtime) -> list:
+    """This rank's contiguous share of a list (sizes differ by at most one)."""
+    n = len(items)
+    return items[rt.rank * n // rt.world:(rt.rank + 1) * n // rt.world]
+
+
+def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)).to(device)
+
+
+@torch.inference_mode()
+def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
+                rt: Runtime) -> Totals:
+    """Sums of this rank's spans (no communication)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    pos = torch.arange(window, device=rt.device)
+    for i in range(0, len(spans), batch_seqs):
+        batch = spans[i:i + batch_seqs]
+        ids = gather_windows(tokens, [s for s, _, _ in batch], window, rt.device)
+        bounds = torch.tensor([(lo - s, hi - s) for s, lo, hi in batch], device=rt.device)
+        with rt.autocast():
+            logits = logits_fn(ids)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
+        scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
+        sums[0] += nll.double()[scored].sum()
+        sums[1] += scored.sum()
+        sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
+    return Totals(sums)
+
+
+def eval_batch_seqs(args: Hyperparameters) -> int:
+    return max(1, args.val_batch_size // (8 * args.train_seq_len))
+
+
+def logits_function(model: ByteJEPA, rt: Runtime):
+    return torch.compile(model.forward_logits) if rt.compile else model.forward_logits
+
+
+def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
+                      logits_fn=None) -> Totals:
+    """Non-overlapping windows (consecutive windows share one byte, a target of the first and context of the
+    next) over the whole split, the tail included, shared across ranks."""
+    model.eval()
+    spans = plan_windows(len(tokens), args.window, args.window - 1)
+    mine = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
+                       eval_batch_seqs(args), rt)
+    return Totals(rt.all_reduce(mine.values.to(rt.device)))
+
+
+def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
+    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks."""
+    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
+    frozen |= {id(p) for p in model.projector.parameters()}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params: list[Tensor], chunk: np.ndarray,
+                   args: Hyperparameters, rt: Runtime) -> None:
+    """TTT_EPOCHS passes of SGD over the chunk's already-scored tokens, in windows overlapping by one byte;
+    each step's global batch of TTT_BATCH_SEQS windows is shared across ranks and its gradient summed."""
+    starts = list(range(0, len(chunk) - args.window + 1, args.window - 1))
+    model.train()
+    for _ in range(args.ttt_epochs):
+        for b in range(0, len(starts), args.ttt_batch_seqs):
+            batch = starts[b:b + args.ttt_batch_seqs]
+            mine = rank_share(batch, rt)
+            opt.zero_grad(set_to_none=True)
+            if mine:
+                with rt.autocast():
+                    ce = loss_fn(gather_windows(chunk, mine, args.window, rt.device))[0]
+                (ce * len(mine) / len(batch)).backward()
+            all_reduce_grads(params, rt)
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime, log,
+                         adapt: bool, eval_t0: float) -> tuple[Totals, list[Totals]]:
+    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is
+    first scored in inference mode and only then trained on, so no target touches a weight before its score
+    is final; the last chunk is never trained on. Adaptation stops (scoring never does) once adapting one
+    more chunk would project the finish past EVAL_MAX_SECONDS. Returns the totals and per-chunk totals."""
+    spans = plan_windows(len(tokens), args.window, args.val_sliding_stride, args.ttt_chunk_tokens)
+    num_chunks = (len(tokens) + args.ttt_chunk_tokens - 1) // args.ttt_chunk_tokens
+    by_chunk = [[] for _ in range(num_chunks)]
+    for span in spans:
+        by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
+    logits_fn = logits_function(model, rt)
+    params = ttt_parameters(model, args)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
+    loss_fn = torch.compile(model) if adapt and rt.compile else model
+    adapting = adapt and args.ttt_epochs > 0
+    totals, per_chunk, score_s, adapt_s, adapted = Totals(), [], 0.0, 0.0, 0
+    name = "ttt" if adapt else "sliding"
+    model.eval()
+    for c, chunk_spans in enumerate(by_chunk):
+        t = time.perf_counter()
+        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, eval_batch_seqs(args), rt)
+        chunk_totals = Totals(rt.all_reduce(mine.values.to(rt.device)))
+        per_chunk.append(chunk_totals)
+        totals = totals + chunk_totals
+        score_s += time.perf_counter() - t
+        if adapting and c < num_chunks - 1:
+            elapsed = time.perf_counter() - eval_t0
+            mean_score = score_s / (c + 1)
+            next_adapt = adapt_s / adapted if adapted else mean_score
+            projected = elapsed + next_adapt + (num_chunks - c - 1) * mean_score
+            over = torch.tensor(float(projected > args.eval_max_seconds), device=rt.device)
+            if rt.all_reduce(over, dist.ReduceOp.MAX).item() > 0:  # all ranks decide alike
+                adapting = False
+                log(f"ttt_budget_stop: adaptation stopped before chunk {c + 1}/{num_chunks}: projected finish "
+                    f"{projected:.1f}s > EVAL_MAX_SECONDS={args.eval_max_seconds:.0f}s; the remaining chunks are "
+                    f"scored without adaptation")
+            else:
+                t = time.perf_counter()
+                for group in opt.param_groups:  # cosine decay across chunks
+                    group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
+                adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
+                adapt_s += time.perf_counter() - t
+                adapted += 1
+        if (c + 1) % args.ttt_log_every == 0 or c == num_chunks - 1:
+            log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
+                f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{score_s:.1f}s adapt:{adapt_s:.1f}s "
+                f"adapted_chunks:{adapted}")
+    expected = len(tokens) - 1
+    log(f"{name}_targets_scored:{totals.targets} expected:{expected} {'ok' if totals.targets == expected else 'MISMATCH'}")
+    return totals, per_chunk
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Rank 0 writes each line to the console and to logs/<RUN_ID>.txt, flushed at once: a crash loses nothing."""
+
+    def __init__(self, run_id: str, master: bool):
+        self.master, self.file = master, None
+        if master:
+            Path("logs").mkdir(exist_ok=True)
+            self.path = Path("logs") / f"{run_id}.txt"
+            self.file = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, msg: str, console: bool = True):
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def describe_hardware(rt: Runtime) -> str:
+    if rt.cuda:
+        return f"{rt.world}x {torch.cuda.get_device_name(rt.device)}"
+    return f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    for key, value in sorted(vars(args).items()):
+        log(f"hparam {key}={value}", console=False)
+    log(f"python {sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} "
+        f"world_size:{rt.world} grad_accum_steps:{args.grad_accum_steps} compile:{rt.compile}")
+    log(f"hardware: {describe_hardware(rt)}")
+    if rt.cuda:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout
+        log(smi, console=False)
+    if args.smoke:
+        log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
+
+
+def log_peak_memory(rt: Runtime, log) -> None:
+    if rt.cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    else:
+        log(f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+
+
+def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
+    timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
+    log(f"{label} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f}{timing}")
+    log(f"{label}_exact val_loss:{totals.loss:.8f} val_bpb:{totals.bpb:.8f}")
+
+
+def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:
+    """The evaluations chosen by the knobs, all on the artifact's round-tripped weights; the clock starts
+    when the artifact is read. The last one run gives the reported score."""
+    t0 = time.perf_counter()
+    model = load_artifact(path, args).to(rt.device)
+    results = {}
+
+    def elapsed_ms():
+        rt.sync()
+        return 1000.0 * (time.perf_counter() - t0)
+
+    if args.roundtrip_eval:
+        results["final_int6_lzma_roundtrip"] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
+        log_final(log, "final_int6_lzma_roundtrip", results["final_int6_lzma_roundtrip"], elapsed_ms())
+    for label, enabled, adapt in (("final_sliding", args.sliding_eval, False), ("final_ttt", args.ttt_enabled, True)):
+        if enabled:
+            results[label], _ = evaluate_score_first(model, val_tokens, args, rt, log, adapt, t0)
+            log_final(log, label, results[label], elapsed_ms())
+    total_ms = elapsed_ms()
+    projected = f" projected_8gpu:{total_ms * rt.world / 8:.0f}ms" if rt.world < 8 else ""
+    log(f"eval_total_time:{total_ms:.0f}ms{projected} (budget EVAL_MAX_SECONDS={args.eval_max_seconds:.0f}s)")
+    return results
+
+
+def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, facts: dict) -> None:
+    """logs/<RUN_ID>.submission.json in the challenge's format, filled from this run only (null if unknown)."""
+    if not rt.master:
+        return
+    final = next((results[k] for k in ("final_ttt", "final_sliding", "final_int6_lzma_roundtrip") if k in results),
+                 None)
+    prequant = results.get("final_prequant")
+    on_track = rt.cuda and rt.world == 8 and 0 < args.max_wallclock_seconds <= 600 and not args.smoke
+    info = dict(
+        name="Byte-level JEPA encoder-decoder", date=time.strftime("%Y-%m-%d", time.gmtime()),
+        blurb="Pure-byte JEPA: patch encoder predicting the next patch latent, causal byte decoder conditioned "
+              "on it; Muon, EMA/SWA, late QAT, int6 GPTQ/RTN + LZMA, score-first TTT.",
+        track="10min_16mb" if on_track else "non_record", hardware=describe_hardware(rt), run_id=args.run_id,
+        val_loss=final.loss if final else None, val_bpb=final.bpb if final else None,
+        pre_quant_val_loss=prequant.loss if prequant else None, pre_quant_val_bpb=prequant.bpb if prequant else None,
+        step_stop=facts.get("step_stop"), wallclock_seconds=facts.get("wallclock_seconds"),
+        bytes_total=facts.get("bytes_total"), bytes_model_int6_lzma=facts.get("bytes_model_int6_lzma"),
+        bytes_code=facts.get("bytes_code"))
+    path = Path("logs") / f"{args.run_id}.submission.json"
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    log(f"submission: {path}")
+
+
+def run(args: Hyperparameters, rt: Runtime, log) -> None:
+    log_run_header(args, rt, log)
+    val_tokens = load_validation_tokens(args)
+    log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
+    facts, results = {}, {}
+    if args.eval_only:
+        path = Path(args.eval_only)
+        sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
+        sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log)
+        facts.update(sizes)
+    else:
+        t_start = time.perf_counter()
+        model = build_model(args).to(rt.device)
+        log(f"model_params:{sum(p.numel() for p in model.parameters())} "
+            f"(stored: {sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))})")
+        trainer = Trainer(args, rt, model, val_tokens, log)
+        facts.update(trainer.run())
+        hessians = None
+        if args.quant == "gptq":
+            rt.sync()
+            t = time.perf_counter()
+            hessians = collect_hessians(model, trainer.loader, args, rt)
+            rt.sync()
+            log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {time.perf_counter() - t:.2f}s "
+                f"(reserved {args.gptq_reserve_seconds:.0f}s)")
+        t = time.perf_counter()
+        path, sizes = export_artifact(model, hessians, rt, log)
+        log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")
+        facts.update(sizes, wallclock_seconds=round(time.perf_counter() - t_start, 1))
+        log_peak_memory(rt, log)
+        if args.prequant_eval:
+            results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
+            log_final(log, "final_prequant", results["final_prequant"])
+        del model, trainer
+    results.update(evaluate_artifact(path, args, rt, val_tokens, log))
+    log_peak_memory(rt, log)
+    write_submission(args, rt, log, results, facts)
+
+
+def main() -> int:
+    master = os.environ.get("RANK", "0") == "0"
+    try:
+        args = Hyperparameters()
+        check_inputs(args)
+    except ConfigError as e:
+        if master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    rt = Runtime(args)
+    log = Logger(args.run_id, rt.master)
+    try:
+        run(args, rt, log)
+    except ConfigError as e:
+        log(f"error: {e}")
+        return 2
+    except SizeCapExceeded:
+        return 3
+    finally:
+        log.close()
+        rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
