@@ -61,6 +61,8 @@ def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=
     kind = kind or type(default)
     raw = os.environ.get(name, "")
     value = default if raw == "" else _parse(name, raw, kind)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r}: expected a finite number")
     if lo is not None and value < lo:
         raise ConfigError(f"{name}={value}: expected a value >= {lo}")
     if hi is not None and value > hi:
@@ -95,7 +97,7 @@ class Hyperparameters:
         self.data_path = knob("DATA_PATH", "./data/datasets/fineweb10B_byte260", str)
         self.tokenizer_path = knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_pure_byte_260.json", str)
         self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
-        self.seed = knob("SEED", 1337)
+        self.seed = knob("SEED", 1337, lo=0, hi=2**62)
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
         # model
@@ -249,7 +251,8 @@ def read_shard_header(path: Path) -> int:
     if not path.is_file():
         raise ConfigError(f"{path}: shard file not found")
     with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+        raw = f.read(HEADER_INTS * 4)
+    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: not a byte260 shard (expected magic {SHARD_MAGIC} and version {SHARD_VERSION} "
                           f"in a {HEADER_INTS * 4}-byte header)")
@@ -282,22 +285,26 @@ def check_inputs(args: Hyperparameters) -> None:
         build_embedded_sample(Path(args.data_path))
     if args.vocab_size != PURE_BYTE_TOKENIZER["vocab_size"]:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size}: this model reads the pure-byte vocabulary of 260 ids")
-    tok = Path(args.tokenizer_path)
-    try:
-        meta = json.loads(tok.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"TOKENIZER_PATH={tok}: cannot read a JSON tokenizer description ({e})") from None
-    if meta.get("tokenizer_type") != "pure_byte" or meta.get("vocab_size") != args.vocab_size:
-        raise ConfigError(f"TOKENIZER_PATH={tok}: expected tokenizer_type 'pure_byte' with vocab_size "
-                          f"{args.vocab_size}, found {meta.get('tokenizer_type')!r} with {meta.get('vocab_size')!r}")
+    tokens = {}
     for split in ("val",) if args.eval_only else ("train", "val"):
         paths = shard_paths(args.data_path, split)
         if not paths:
             raise ConfigError(f"DATA_PATH={args.data_path}: no fineweb_{split}_*.bin shards. Prepare FineWeb with "
                               f"`python3 data/prepare.py`, or run SMOKE=1 for the embedded sample")
-        for p in paths:
-            read_shard_header(p)
-    val_targets = sum(read_shard_header(p) for p in shard_paths(args.data_path, "val")) - 1
+        tokens[split] = sum(read_shard_header(p) for p in paths)
+    tok = Path(args.tokenizer_path)
+    try:
+        meta = json.loads(tok.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={tok}: cannot read a JSON tokenizer description ({e}); "
+                          f"`python3 data/prepare.py` writes it beside the shards") from None
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("tokenizer_type") != "pure_byte" or meta.get("vocab_size") != args.vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={tok}: expected tokenizer_type 'pure_byte' with vocab_size "
+                          f"{args.vocab_size}, found {meta.get('tokenizer_type')!r} with {meta.get('vocab_size')!r}")
+    if tokens.get("train", 1) == 0:
+        raise ConfigError(f"DATA_PATH={args.data_path}: the training split (fineweb_train_*.bin) holds no tokens")
+    val_targets = tokens["val"] - 1
     if val_targets < args.train_seq_len:
         raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {val_targets} targets, fewer than "
                           f"one window (TRAIN_SEQ_LEN={args.train_seq_len})")
@@ -590,9 +597,6 @@ class Runtime:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        else:  # processes on one host share its cores
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         if self.world > 1:
             dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None)
         self.compile = args.use_compile and self.cuda
@@ -1096,9 +1100,9 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
         bounds = torch.tensor([(lo - s, hi - s) for s, lo, hi in batch], device=rt.device)
         with rt.autocast():
             logits = logits_fn(ids)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
+        nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums[0] += nll.double()[scored].sum()
+        sums[0] += nll[scored].sum()
         sums[1] += scored.sum()
         sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
     return Totals(sums)
@@ -1369,8 +1373,10 @@ def main() -> int:
     log = Logger(args.run_id, rt.master)
     try:
         run(args, rt, log)
-    except ConfigError as e:
-        log(f"error: {e}")
+    except ConfigError as e:  # found mid-run (a shard reached late, an artifact of another configuration)
+        log(f"error: {e}", console=False)
+        if rt.master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except SizeCapExceeded:
         return 3

@@ -1,0 +1,581 @@
+"""Artifact: int6 quantisation (RTN, GPTQ), LZMA round trip, reloading, size accounting and the cap; late QAT;
+EMA/SWA weight averaging."""
+import io
+import json
+import lzma
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from conftest import SCRIPT, TINY, run_script, tiny_env
+
+# MODEL_DIM=192 makes the MLPs (384x192), the predictor's first layer and the patch projection (192x768) larger
+# than SMALL_TENSOR_MAX, so a small model has int6 tensors, fp16 tensors, fp32 control tensors and a large
+# training-only projector layer (projector.fc, 384x192) all at once.
+WIDE = dict(MODEL_DIM=192)
+WIDE_INT6 = {"patch_proj.weight", "predictor.fc.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight",
+             "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight", "dec_blocks.0.mlp.fc.weight",
+             "dec_blocks.0.mlp.proj.weight"}
+CPU = torch.device("cpu")
+# Runtime gives each CPU process cpu_count // LOCAL_WORLD_SIZE threads. On a few cores shared with other work, two
+# threads per process wait on each other at every op (steps ~100x slower); one thread keeps these tests fast.
+ONE_THREAD = dict(LOCAL_WORLD_SIZE=str(os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def single_thread(monkeypatch):
+    for k, v in ONE_THREAD.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Random values everywhere (zero-initialised projections and head included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def row_error_bound(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per row, the most round-to-nearest with clamping to [-31 s, 31 s] can be off: s/2 inside the clip,
+    |w| - 31 s beyond it."""
+    s = scales.float()
+    return torch.maximum(s / 2, w.abs().amax(dim=1) - 31 * s)
+
+
+def heavy_tailed(rows: int, cols: int, seed: int, df: int = 3) -> torch.Tensor:
+    """Student-t rows (df 3): a long tail, so clipping its last few values below the row maximum pays off."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, cols, generator=g)
+    chi2 = torch.randn(df, rows, cols, generator=g).square().sum(0)
+    return z / (chi2 / df).sqrt()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Round to nearest
+# -----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tailed", "uniform"])
+def test_rtn_values_in_range_and_error_bounded_per_row(kind):
+    g = torch.Generator().manual_seed(3)
+    w = {"gaussian": lambda: torch.randn(48, 700, generator=g) * 0.02,
+         "heavy_tailed": lambda: heavy_tailed(48, 700, 3) * 0.02,
+         "uniform": lambda: (torch.rand(48, 700, generator=g) - 0.5) * 0.1}[kind]()
+    q, scales = train_gpt.quantize_rtn(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert scales.dtype == torch.float16 and scales.shape == (48,)
+    assert int(q.abs().max()) <= 31
+    assert torch.isfinite(scales.float()).all() and (scales.float() > 0).all()
+    deq = train_gpt.dequantize(q, scales)
+    assert deq.dtype == torch.float32
+    assert torch.equal(deq, q.float() * scales.float()[:, None])
+    row_err = (deq - w).abs().amax(dim=1)
+    assert (row_err <= row_error_bound(w, scales) * (1 + 1e-5) + 1e-9).all()
+    # the largest value of every row is represented to within one step: the grid reaches (close to) the row max
+    assert (q.abs().amax(dim=1) >= 30).all()
+
+
+def brute_force_rtn(w: torch.Tensor) -> tuple[int, list[float]]:
+    """Independent reference in numpy (float64): per candidate quantile, per-row fp16 scales clip/31 (1 for a
+    zero clip), round to nearest, clamp to [-31, 31]; returns the index of least summed squared error."""
+    a = w.double().numpy()
+    errors = []
+    for quantile in train_gpt.CLIP_QUANTILES:
+        clip = np.quantile(np.abs(a), quantile, axis=1)  # linear interpolation, like torch.quantile
+        s = np.where(clip > 0, clip / 31, 1.0).astype(np.float16).astype(np.float64)
+        q = np.clip(np.round(a / s[:, None]), -31, 31)
+        errors.append(float(((q * s[:, None] - a) ** 2).sum()))
+    return int(np.argmin(errors)), errors
+
+
+def on_grid_with_one_max(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Multiples of 2^-6 in [-20, 20] steps, plus one value of exactly 31 steps per row: the row maximum's grid
+    reproduces the matrix exactly, every clipping quantile does not."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-20, 21, (rows, cols), generator=g).float()
+    k[torch.arange(rows), torch.randint(0, cols, (rows,), generator=g)] = 31.0
+    return k * 2.0 ** -6
+
+
+@pytest.mark.parametrize("kind, expect_clipped", [("student_t", True), ("gaussian", True), ("grid", False)])
+def test_rtn_picks_the_clip_quantile_of_least_mse(kind, expect_clipped):
+    w = {"student_t": lambda: heavy_tailed(40, 1000, 11),
+         "gaussian": lambda: torch.randn(40, 1000, generator=torch.Generator().manual_seed(11)),
+         "grid": lambda: on_grid_with_one_max(40, 1000, 11)}[kind]()
+    best, errors = brute_force_rtn(w)
+    ranked = sorted(errors)
+    assert ranked[1] > ranked[0] * (1 + 1e-3), "test precondition: a clear winner among the candidates"
+    # the cases are chosen so that both a clipping quantile and the plain row maximum are exercised
+    assert (train_gpt.CLIP_QUANTILES[best] < 1.0) == expect_clipped
+    q, scales = train_gpt.quantize_rtn(w)
+    expected_scales = [train_gpt.row_scales(w, quantile) for quantile in train_gpt.CLIP_QUANTILES]
+    chosen = [i for i, s in enumerate(expected_scales) if torch.equal(s, scales)]
+    assert chosen == [best], f"picked quantile(s) {chosen}, least-MSE is {best} (errors {errors})"
+    # the scales agree with the numpy reference's to fp16 rounding, and the error is the minimum
+    clip = np.quantile(np.abs(w.double().numpy()), train_gpt.CLIP_QUANTILES[best], axis=1)
+    np.testing.assert_allclose(scales.float().numpy(), clip / 31, rtol=1e-3)
+    err = (train_gpt.dequantize(q, scales).double() - w.double()).square().sum().item()
+    assert err == pytest.approx(errors[best], rel=1e-4)
+    assert err <= min(errors) * (1 + 1e-4)
+
+
+def test_all_zero_rows_and_tensors_quantise_without_nan():
+    w = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    w[2] = 0.0
+    w[5] = 0.0
+    for matrix in (w, torch.zeros(4, 300)):
+        q, scales = train_gpt.quantize_rtn(matrix)
+        deq = train_gpt.dequantize(q, scales)
+        assert torch.isfinite(scales.float()).all() and torch.isfinite(deq).all()
+        zero_rows = (matrix == 0).all(dim=1)
+        assert (q[zero_rows] == 0).all() and (deq[zero_rows] == 0).all()
+        assert (scales.float()[zero_rows] == 1.0).all()
+        # GPTQ too, with a Hessian that has a dead input (a column never active)
+        x = torch.randn(200, 300, generator=torch.Generator().manual_seed(1))
+        x[:, 7] = 0.0
+        qg, sg = train_gpt.quantize_gptq(matrix, x.T @ x / 200)
+        deq_g = train_gpt.dequantize(qg, sg)
+        assert torch.isfinite(deq_g).all() and (qg[zero_rows] == 0).all() and int(qg.abs().max()) <= 31
+        assert (qg[:, 7] == 0).all()  # a dead input's weight does not matter: stored as 0
+
+
+def test_fake_quantize_int6_matches_per_row_amax_grid():
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(2))
+    w[3] = 0.0
+    fq = train_gpt.fake_quantize_int6(w)
+    assert torch.isfinite(fq).all() and (fq[3] == 0).all()
+    step = w.abs().amax(dim=1, keepdim=True) / 31
+    live = step[:, 0] > 0
+    levels = fq[live] / step[live]
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.abs().max() <= 31 + 1e-4
+    assert ((fq - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    assert torch.allclose(fq.abs().amax(dim=1), w.abs().amax(dim=1))  # the row maximum is on the grid
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# GPTQ
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def layer_output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> float:
+    return (x @ (w - train_gpt.dequantize(q, scales)).T).double().square().sum().item()
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Textbook GPTQ in float64, one column at a time with the explicit inverse-Hessian downdate (no Cholesky, no
+    blocks): same column order (largest Hessian diagonal first), dampening and dead-input handling."""
+    w, h = w.double().clone(), h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diag(h).mean() * torch.eye(h.size(0), dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    s = scales.double()
+    q = torch.zeros_like(w)
+    for j in range(w.size(1)):
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s), -31, 31)
+        err = (w[:, j] - q[:, j] * s) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return q[:, torch.argsort(order)]
+
+
+def test_gptq_output_error_on_correlated_inputs_is_below_rtn():
+    g = torch.Generator().manual_seed(5)
+    mixing = torch.randn(256, 256, generator=g) * torch.logspace(0, -2, 256)[:, None]
+    x = torch.randn(1024, 256, generator=g) @ mixing  # strongly correlated features
+    x[:, 200] = 0.0  # one dead input
+    w = torch.randn(64, 256, generator=g) * 0.05
+    hessian = x.T @ x / x.size(0)
+    q_rtn, s_rtn = train_gpt.quantize_rtn(w)
+    q_gptq, s_gptq = train_gpt.quantize_gptq(w, hessian)
+    # the blocked Cholesky implementation agrees with the textbook algorithm (float rounding may flip a few)
+    q_ref = reference_gptq(w, hessian, s_gptq)
+    assert (q_gptq.double() == q_ref).double().mean() > 0.99
+    assert layer_output_error(x, w, q_gptq, s_gptq) == pytest.approx(layer_output_error(x, w, q_ref, s_gptq),
+                                                                      rel=0.02)
+    assert (q_gptq[:, 200] == 0).all()
+    assert q_gptq.dtype == torch.int8 and int(q_gptq.abs().max()) <= 31
+    assert torch.equal(s_gptq, s_rtn)  # GPTQ keeps RTN's scales and changes the rounding only
+    assert not torch.equal(q_gptq, q_rtn)
+    err_rtn, err_gptq = layer_output_error(x, w, q_rtn, s_rtn), layer_output_error(x, w, q_gptq, s_gptq)
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_gptq_on_the_models_calibration_batches_beats_rtn(tiny_args):
+    """collect_hessians on training micro-batches gives X^T X / rows of each int6 layer's inputs; GPTQ with that
+    Hessian moves the layer's outputs on those batches no more than round-to-nearest does."""
+    args = tiny_args(GPTQ_CALIB_BATCHES=3, **WIDE)
+    rt = train_gpt.Runtime(args)
+    model = randomize(train_gpt.build_model(args))
+    seen = {name: [] for name in WIDE_INT6}
+    modules = dict(model.named_modules())
+    handles = [modules[name.removesuffix(".weight")].register_forward_hook(
+        lambda m, inputs, out, name=name: seen[name].append(inputs[0].detach().reshape(-1, inputs[0].size(-1))))
+        for name in WIDE_INT6]
+    try:
+        hessians = train_gpt.collect_hessians(model, train_gpt.DistributedTokenLoader(args, 0, CPU), args, rt)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(hessians) == WIDE_INT6  # projector.fc is large too, but training-only: no Hessian
+    for name in sorted(WIDE_INT6):
+        x = torch.cat(seen[name]).float()
+        assert torch.allclose(hessians[name], x.T @ x / x.size(0), rtol=1e-4, atol=1e-6), name
+        w = model.state_dict()[name]
+        err_rtn = layer_output_error(x, w, *train_gpt.quantize_rtn(w))
+        err_gptq = layer_output_error(x, w, *train_gpt.quantize_gptq(w, hessians[name]))
+        assert err_gptq <= err_rtn, f"{name}: GPTQ output error {err_gptq} > RTN's {err_rtn}"
+    # quantize_state uses GPTQ where a Hessian is given and RTN elsewhere
+    state = {k: model.state_dict()[k] for k in ("patch_proj.weight", "predictor.fc.weight")}
+    qstate = train_gpt.quantize_state(state, {"patch_proj.weight": hessians["patch_proj.weight"]})
+    w = model.patch_proj.weight
+    assert torch.equal(qstate["patch_proj.weight"]["q"], train_gpt.quantize_gptq(w, hessians["patch_proj.weight"])[0])
+    assert torch.equal(qstate["predictor.fc.weight"]["q"], train_gpt.quantize_rtn(model.predictor.fc.weight)[0])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The artifact's layout, LZMA round trip and reloading
+# -----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide_model(tiny_args):
+    args = tiny_args(**WIDE)
+    return args, randomize(train_gpt.build_model(args), seed=4)
+
+
+def test_quantize_state_layout(wide_model):
+    args, model = wide_model
+    state = model.state_dict()
+    qstate = train_gpt.quantize_state(state)
+    stored = {k for k in state if not k.startswith("projector.")}
+    assert any(k.startswith("projector.") for k in state) and state["projector.fc.weight"].numel() > 65_536
+    assert set(qstate) == stored  # training-only tensors left out, everything else kept
+    int6 = {k for k, v in qstate.items() if isinstance(v, dict)}
+    assert int6 == WIDE_INT6
+    for name, v in qstate.items():
+        t = state[name]
+        if name in int6:
+            assert set(v) == {"q", "scale"}
+            assert v["q"].dtype == torch.int8 and v["q"].shape == t.shape
+            assert int(v["q"].min()) >= -31 and int(v["q"].max()) <= 31
+            assert v["scale"].dtype == torch.float16 and v["scale"].shape == (t.shape[0],)
+            assert (v["scale"].float() > 0).all() and torch.isfinite(v["scale"].float()).all()
+            assert t.numel() > 65_536 and t.ndim == 2
+        elif any(c in name for c in ("attn_scale", "mlp_scale", "resid_mix", "q_gain")):
+            assert v.dtype == torch.float32 and torch.equal(v, t), name
+        else:
+            assert v.dtype == torch.float16 and torch.equal(v, t.half()), name
+            assert t.numel() <= 65_536 or t.ndim != 2, name
+    controls = [k for k in qstate if re.search(r"(attn_scale|mlp_scale|resid_mix|q_gain)$", k)]
+    assert len(controls) == 3 * 4  # two encoder blocks and one decoder block, four control tensors each
+
+
+def test_lzma_round_trip_is_bit_exact_and_reload_reproduces_dequantised_weights(wide_model, tmp_path):
+    args, model = wide_model
+    qstate = train_gpt.quantize_state(model.state_dict())
+    blob = train_gpt.serialize_artifact(qstate)
+    assert blob[:6] == b"\xfd7zXZ\x00"  # an .xz stream
+    decoded = torch.load(io.BytesIO(lzma.decompress(blob)), weights_only=True)
+    assert set(decoded) == set(qstate)
+    for name, v in qstate.items():
+        if isinstance(v, dict):
+            assert torch.equal(decoded[name]["q"], v["q"]) and torch.equal(decoded[name]["scale"], v["scale"])
+            assert decoded[name]["scale"].dtype == torch.float16
+        else:
+            assert decoded[name].dtype == v.dtype and torch.equal(decoded[name], v), name
+    path = tmp_path / "a.ptz"
+    path.write_bytes(blob)
+    reloaded = train_gpt.load_artifact(path, args)
+    expected = train_gpt.dequantize_state(qstate)
+    got = reloaded.state_dict()
+    assert set(got) - set(expected) == {k for k in got if k.startswith("projector.")}
+    for name, t in expected.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t), name
+    assert all(not m.qat for m in reloaded.modules() if isinstance(m, train_gpt.CastedLinear))
+    # the reloaded model is the quantised one: int6 layers moved, fp16 ones by fp16 rounding only
+    assert not torch.equal(got["patch_proj.weight"], model.patch_proj.weight)
+    assert torch.equal(got["head.weight"], model.head.weight.half().float())
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(reloaded.eval().forward_logits(ids)).all()
+
+
+def test_load_artifact_with_other_model_shape_is_a_config_error(tiny_args, tmp_path):
+    """BUG (train_gpt.py load_artifact): an artifact whose tensors have other shapes than the configured model
+    (EVAL_ONLY with a different MODEL_DIM) escapes as torch's RuntimeError 'size mismatch' with a traceback;
+    load_state_dict(strict=False) still raises on shape mismatches, before the ConfigError check is reached."""
+    model = train_gpt.build_model(tiny_args())
+    path = tmp_path / "a.ptz"
+    path.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
+    with pytest.raises(train_gpt.ConfigError):  # a missing block: already a ConfigError
+        train_gpt.load_artifact(path, tiny_args(NUM_LAYERS=3))
+    with pytest.raises(train_gpt.ConfigError):  # other widths
+        train_gpt.load_artifact(path, tiny_args(MODEL_DIM=64))
+
+
+def test_default_model_artifact_fits_under_the_cap(monkeypatch):
+    """The full-size default model (random initialisation), quantised with RTN and compressed on CPU."""
+    knobs = set(TINY) | {"DATA_PATH", "TOKENIZER_PATH", "SMOKE", "VOCAB_SIZE", "MLP_MULT", "ROPE_BASE",
+                         "QK_GAIN_INIT", "WORLD_SIZE"}
+    for key in knobs:
+        monkeypatch.delenv(key, raising=False)
+    args = train_gpt.Hyperparameters()
+    assert (args.model_dim, args.patch_size, args.num_layers, args.decoder_layers) == (480, 8, 5, 7)
+    model = train_gpt.build_model(args)
+    qstate = train_gpt.quantize_state(model.state_dict())
+    stored = sum(t.numel() for k, t in model.state_dict().items() if not k.startswith("projector."))
+    assert stored == 24_593_530 - 645_120
+    int6 = sum(v["q"].numel() for v in qstate.values() if isinstance(v, dict))
+    assert int6 > 0.95 * stored  # nearly everything stored is int6
+    blob = train_gpt.serialize_artifact(qstate)
+    code = len(SCRIPT.read_bytes())
+    assert len(blob) + code <= train_gpt.SIZE_CAP_BYTES, f"{len(blob)} + {code} bytes exceed the cap"
+    assert train_gpt.check_size(len(blob), code, lambda msg: None) == len(blob) + code
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Size accounting and the cap
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def test_check_size_lines_and_cap():
+    lines = []
+    assert train_gpt.check_size(900, 100, lines.append, cap=1000) == 1000  # exactly at the cap: passes
+    assert lines[0] == "Serialized model int6+lzma: 900 bytes"
+    assert lines[1] == "Code size: 100 bytes"
+    assert lines[2].startswith("Total submission size int6+lzma: 1000 bytes")
+    assert not any("EXCEEDED" in line for line in lines)
+    lines.clear()
+    with pytest.raises(train_gpt.SizeCapExceeded):
+        train_gpt.check_size(901, 100, lines.append, cap=1000)
+    assert lines[2].startswith("Total submission size int6+lzma: 1001 bytes")
+    loud = [line for line in lines if "SIZE CAP EXCEEDED" in line]
+    assert len(loud) == 1 and "1001" in loud[0] and "1 bytes over" in loud[0] and "not a valid submission" in loud[0]
+    lines.clear()
+    with pytest.raises(train_gpt.SizeCapExceeded):  # the default cap is the challenge's decimal 16 MB
+        train_gpt.check_size(16_000_000, 1, lines.append)
+    assert train_gpt.check_size(15_999_999, 1, lambda msg: None) == 16_000_000
+
+
+def size_line(run, prefix: str) -> int:
+    lines = run.lines(prefix)
+    assert len(lines) == 1, f"expected one '{prefix}' line, found {lines}"
+    return int(re.match(rf"{re.escape(prefix)} (\d+) bytes", lines[0]).group(1))
+
+
+@pytest.fixture(scope="module")
+def sized_runs(corpus, tmp_path_factory):
+    """A short run that writes an artifact with an int6 tensor (patch_proj 96x768), then EVAL_ONLY on it."""
+    cwd = tmp_path_factory.mktemp("sizes")
+    env = tiny_env(corpus, **ONE_THREAD, MODEL_DIM=96, PATCH_SIZE=8, ITERATIONS=2, TRAIN_BATCH_TOKENS=504, TTT_ENABLED=0,
+                   PREQUANT_EVAL=0)
+    code = len(SCRIPT.read_bytes())
+    first = run_script(cwd, env, run_id="sizes")
+    assert first.proc.returncode == 0, first.proc.stderr[-3000:]
+    artifact_bytes = (cwd / train_gpt.ARTIFACT_NAME).read_bytes()
+    second = run_script(cwd, dict(env, EVAL_ONLY=train_gpt.ARTIFACT_NAME), run_id="evalonly")
+    assert second.proc.returncode == 0, second.proc.stderr[-3000:]
+    return first, second, artifact_bytes, code
+
+
+def test_size_lines_equal_real_file_sizes(sized_runs):
+    first, second, artifact_bytes, code = sized_runs
+    model_bytes = len(artifact_bytes)
+    for run in (first, second):
+        assert size_line(run, "Serialized model int6+lzma:") == model_bytes
+        assert size_line(run, "Code size:") == code
+        assert size_line(run, "Total submission size int6+lzma:") == model_bytes + code
+        assert not run.lines("!!!")  # (the log's copy of the script mentions the message: match lines only)
+        info = json.loads((run.cwd / "logs" / f"{run.run_id}.submission.json").read_text())
+        assert info["bytes_model_int6_lzma"] == model_bytes
+        assert info["bytes_code"] == code
+        assert info["bytes_total"] == model_bytes + code
+        exact = run.lines("final_int6_lzma_roundtrip_exact")[-1]
+        assert info["val_bpb"] == pytest.approx(float(re.search(r"val_bpb:([0-9.]+)", exact).group(1)), abs=1e-8)
+
+
+def test_written_artifact_decodes_independently(sized_runs, tiny_args):
+    first, _, artifact_bytes, _ = sized_runs
+    state = torch.load(io.BytesIO(lzma.decompress(artifact_bytes)), weights_only=True)
+    assert not any(k.startswith("projector.") for k in state)
+    args = tiny_args(MODEL_DIM=96, PATCH_SIZE=8)
+    model_keys = {k for k in train_gpt.build_model(args).state_dict() if not k.startswith("projector.")}
+    assert set(state) == model_keys
+    assert {k for k, v in state.items() if isinstance(v, dict)} == {"patch_proj.weight"}
+    v = state["patch_proj.weight"]
+    assert v["q"].dtype == torch.int8 and v["q"].shape == (96, 768)
+    assert int(v["q"].min()) >= -31 and int(v["q"].max()) <= 31 and int(v["q"].abs().max()) >= 30
+    assert v["scale"].dtype == torch.float16 and v["scale"].shape == (96,) and (v["scale"].float() > 0).all()
+    for name, t in state.items():
+        if isinstance(t, dict):
+            continue
+        expected = torch.float32 if re.search(r"(attn_scale|mlp_scale|resid_mix|q_gain)$", name) else torch.float16
+        assert t.dtype == expected, name
+        assert torch.isfinite(t.float()).all(), name
+    assert "quant:gptq" in first.lines("artifact:")[0]
+
+
+def test_eval_only_reproduces_the_roundtrip_score_exactly(sized_runs):
+    first, second, _, _ = sized_runs
+    a = first.lines("final_int6_lzma_roundtrip_exact")
+    b = second.lines("final_int6_lzma_roundtrip_exact")
+    assert len(a) == 1 and len(b) == 1
+    assert a[0] == b[0]
+    assert not second.lines("step:")  # no training in EVAL_ONLY
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Late QAT
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def test_late_qat_covers_exactly_the_int6_layers_and_training_forwards(wide_model):
+    args, model = wide_model
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, train_gpt.CastedLinear)}
+    train_gpt.set_late_qat(model, True)
+    assert {f"{n}.weight" for n, m in linears.items() if m.qat} == WIDE_INT6
+    assert not linears["projector.fc"].qat  # large, but never stored
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train()
+        train_qat = model.forward_logits(ids)
+        model.eval()
+        eval_qat = model.forward_logits(ids)
+        train_gpt.set_late_qat(model, False)
+        assert not any(m.qat for m in linears.values())
+        eval_plain = model.forward_logits(ids)
+        model.train()
+        train_plain = model.forward_logits(ids)
+        # with QAT, a training forward is the plain forward of a model whose int6 layers hold fake-quantised weights
+        reference = randomize(train_gpt.build_model(args), seed=4)
+        for name, m in dict(reference.named_modules()).items():
+            if f"{name}.weight" in WIDE_INT6:
+                m.weight.copy_(train_gpt.fake_quantize_int6(m.weight))
+        expected = reference.train().forward_logits(ids)
+    assert torch.equal(eval_qat, eval_plain)  # never in evaluation
+    assert torch.equal(train_plain, eval_plain)
+    assert not torch.allclose(train_qat, train_plain, atol=1e-4)
+    assert torch.allclose(train_qat, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_straight_through_estimator_passes_gradients_unchanged():
+    g = torch.Generator().manual_seed(0)
+    layer = train_gpt.CastedLinear(40, 24)
+    x = torch.randn(7, 40, generator=g)
+    layer.qat = True
+    layer.train()
+    y = layer(x)
+    assert torch.allclose(y, F.linear(x, train_gpt.fake_quantize_int6(layer.weight.detach())), atol=1e-6)
+    y.square().sum().backward()  # a loss whose gradient depends on the (quantised) output
+    w = layer.weight.detach().clone().requires_grad_(True)
+    F.linear(x, train_gpt.fake_quantize_int6(w).detach() + w - w.detach()).square().sum().backward()
+    assert torch.allclose(layer.weight.grad, w.grad, atol=1e-5)
+    layer.weight.grad = None
+    layer(x).sum().backward()
+    w2 = layer.weight.detach().clone().requires_grad_(True)
+    F.linear(x, w2).sum().backward()
+    assert torch.equal(layer.weight.grad, w2.grad)  # d sum / dW = ones^T x, as without quantisation
+
+
+def test_qat_runs_in_training_only_and_is_off_for_eval_and_ttt(tiny_args, monkeypatch, tmp_path):
+    """A short training run crossing LATE_QAT_THRESHOLD fake-quantises in its training steps, never in its
+    inference-mode evaluation, and leaves every layer with QAT off; the reloaded artifact's TTT never does."""
+    args = tiny_args(MODEL_DIM=96, PATCH_SIZE=8, ITERATIONS=3, WARMDOWN_ITERS=3, LATE_QAT_THRESHOLD=0.9,
+                     TRAIN_BATCH_TOKENS=504, TTT_EPOCHS=1, EVAL_MAX_SECONDS=1e6)
+    rt = train_gpt.Runtime(args)
+    calls = []
+    original = train_gpt.fake_quantize_int6
+    monkeypatch.setattr(train_gpt, "fake_quantize_int6",
+                        lambda w: calls.append(torch.is_inference_mode_enabled()) or original(w))
+    val = train_gpt.load_validation_tokens(args)
+    model = train_gpt.build_model(args)
+    log = []
+    train_gpt.Trainer(args, rt, model, val, log.append).run()
+    assert any(line.startswith("late_qat: on at step:1") for line in log), log
+    assert calls and not any(calls)  # fake quantisation ran, and never under inference mode
+    assert all(not m.qat for m in model.modules() if isinstance(m, train_gpt.CastedLinear))
+    calls.clear()
+    path = tmp_path / "a.ptz"
+    path.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
+    loaded = train_gpt.load_artifact(path, args)
+    assert all(not m.qat for m in loaded.modules() if isinstance(m, train_gpt.CastedLinear))
+    before = loaded.patch_proj.weight.detach().clone()
+    train_gpt.evaluate_score_first(loaded, val, args, rt, log.append, True, time.perf_counter())
+    assert not torch.equal(loaded.patch_proj.weight, before)  # TTT adapted the int6 layer...
+    assert calls == []  # ...without fake quantisation
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# EMA / SWA
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def set_params(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_ema_matches_hand_recursion(tiny_args):
+    args = tiny_args(WEIGHT_AVG="ema", EMA_DECAY=0.8)
+    model = train_gpt.build_model(args)
+    ema = [p.detach().clone().double() for p in model.parameters()]  # starts at the weights it is created with
+    averager = train_gpt.WeightAverager(model, args)
+    for k in range(1, 6):
+        live = set_params(model, seed=k)
+        averager.update(k, 1.0)
+        ema = [0.8 * a + 0.2 * p.double() for a, p in zip(ema, live)]
+    message = averager.apply()
+    assert message == "weight_avg:ema decay:0.8 applied"
+    for p, a in zip(model.parameters(), ema):
+        assert torch.allclose(p.double(), a, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(next(model.parameters()).detach(), live[0], atol=1e-2)  # not the live weights
+
+
+def test_swa_averages_the_right_snapshots(tiny_args):
+    args = tiny_args(WEIGHT_AVG="swa", SWA_EVERY=2, SWA_START_SCALE=0.5)
+    model = train_gpt.build_model(args)
+    averager = train_gpt.WeightAverager(model, args)
+    scales = {1: 0.9, 2: 0.8, 3: 0.45, 4: 0.45, 5: 0.3, 6: 0.5, 7: 0.2, 8: 0.1}
+    taken = []
+    for step, scale in scales.items():
+        live = set_params(model, seed=100 + step)
+        averager.update(step, scale)
+        if step in (4, 8):  # scale < 0.5 and step % 2 == 0 (step 6 has scale 0.5: not below)
+            taken.append(live)
+    assert averager.snapshots == 2
+    assert averager.apply() == "weight_avg:swa snapshots:2 applied"
+    for i, p in enumerate(model.parameters()):
+        mean = (taken[0][i].double() + taken[1][i].double()) / 2
+        assert torch.allclose(p.double(), mean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, scale", [("none", 0.0), ("swa", 0.9)])
+def test_no_average_leaves_the_live_weights(tiny_args, kind, scale):
+    args = tiny_args(WEIGHT_AVG=kind, SWA_EVERY=1)
+    model = train_gpt.build_model(args)
+    averager = train_gpt.WeightAverager(model, args)
+    for step in range(1, 4):
+        live = set_params(model, seed=step)
+        averager.update(step, scale)  # SWA at scale 0.9 never reaches SWA_START_SCALE=0.2: no snapshot
+    assert averager.apply() == f"weight_avg:{kind} applied:none (live weights exported)"
+    for p, q in zip(model.parameters(), live):
+        assert torch.equal(p, q)

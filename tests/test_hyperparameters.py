@@ -1,0 +1,272 @@
+"""Hyperparameters: the reference defaults, parsing of environment values, and every user mistake (wrong type, out
+of range, inconsistent combination, wrong vocabulary, missing files) stopped before any heavy work with one
+`error: ...` line that names the variable and its value, exit status 2 and no traceback."""
+import json
+import re
+
+import pytest
+
+import train_gpt
+from conftest import SCRIPT, TINY, run_script, tiny_env
+
+# Every environment variable the script reads as a knob, found in its source so that a new knob is covered too.
+KNOB_NAMES = sorted(set(re.findall(r'\b(?:knob|env)\("([A-Z][A-Z0-9_]*)"', SCRIPT.read_text())))
+
+
+def clear_knobs(monkeypatch):
+    for name in set(KNOB_NAMES) | set(TINY) | {"DATA_PATH", "TOKENIZER_PATH", "WORLD_SIZE", "SMOKE", "RUN_ID"}:
+        monkeypatch.delenv(name, raising=False)
+
+
+def set_env(monkeypatch, env: dict):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_knob_names_found():
+    """The source scan above sees the knobs (else the defaults test would not isolate anything)."""
+    assert {"TRAIN_SEQ_LEN", "PATCH_SIZE", "WORLD_SIZE", "SMOKE", "DATA_PATH", "TTT_CHUNK_TOKENS"} <= set(KNOB_NAMES)
+    assert len(KNOB_NAMES) > 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults and parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+REFERENCE_DEFAULTS = dict(
+    vocab_size=260, train_seq_len=2047, patch_size=8, train_batch_tokens=524_032, val_batch_size=524_032,
+    model_dim=480, num_heads=6, num_kv_heads=3, num_layers=5, encoder_repeats=2, decoder_layers=7, decoder_heads=4,
+    latent_dim=192, mlp_mult=2, rope_base=10000.0, qk_gain_init=1.5, sigreg_slices=256,
+    matrix_lr=0.025, embed_lr=0.1, head_lr=0.02, scalar_lr=0.025,
+    muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_backend_steps=5,
+    beta1=0.9, beta2=0.95, adam_eps=1e-8,
+    warmdown_iters=3500, warmup_steps=20, max_wallclock_seconds=600.0,
+    weight_avg="ema", ema_decay=0.997, swa_every=50, swa_start_scale=0.2, late_qat_threshold=0.15,
+    ttt_enabled=True, ttt_lr=0.002, ttt_epochs=2, ttt_chunk_tokens=32_768, ttt_momentum=0.9, ttt_batch_seqs=32,
+    ttt_grad_clip=1.0, val_sliding_stride=256,
+    ce_weight=3.0, jepa_weight=0.5, sigreg_weight=0.02,
+    world_size=1, smoke=False, eval_only="",
+    data_path="./data/datasets/fineweb10B_byte260", tokenizer_path="./data/tokenizers/fineweb_pure_byte_260.json",
+)
+
+
+def test_reference_defaults(monkeypatch):
+    clear_knobs(monkeypatch)
+    args = train_gpt.Hyperparameters()
+    actual = {name: getattr(args, name) for name in REFERENCE_DEFAULTS}
+    assert actual == REFERENCE_DEFAULTS
+    for name, value in REFERENCE_DEFAULTS.items():  # 600 == 600.0 above; the kinds must match too
+        assert type(actual[name]) is type(value), name
+    assert args.window == 2048 and args.window // args.patch_size == 256
+    assert args.grad_accum_steps == 8
+    assert re.fullmatch(r"[0-9a-f-]{36}", args.run_id)  # a fresh uuid per run
+
+
+@pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_grad_accum_steps_from_world_size(monkeypatch, world, accum):
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = train_gpt.Hyperparameters()
+    assert (args.world_size, args.grad_accum_steps) == (world, accum)
+    assert args.world_size * args.grad_accum_steps == 8
+
+
+def test_environment_values_override_defaults(monkeypatch, corpus):
+    clear_knobs(monkeypatch)
+    set_env(monkeypatch, tiny_env(corpus, MATRIX_LR="0.5", WEIGHT_AVG="swa", QUANT="rtn", EVAL_ONLY="", SEED="0"))
+    args = train_gpt.Hyperparameters()
+    assert (args.model_dim, args.train_seq_len, args.patch_size, args.train_batch_tokens) == (32, 63, 4, 1008)
+    assert args.matrix_lr == 0.5 and type(args.matrix_lr) is float
+    assert args.max_wallclock_seconds == 0.0 and type(args.max_wallclock_seconds) is float
+    assert (args.weight_avg, args.quant, args.seed, args.eval_only) == ("swa", "rtn", 0, "")
+    assert args.data_path == str(corpus)
+    assert args.embed_lr == 0.1  # untouched knobs keep their defaults
+    train_gpt.check_inputs(args)  # the tiny configuration itself is valid: each bad case below changes one thing
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("true", True), ("YES", True), (" on ", True),
+                                        ("0", False), ("False", False), ("no", False), ("off", False)])
+def test_boolean_spellings(monkeypatch, raw, value):
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("USE_COMPILE", raw)
+    monkeypatch.setenv("SLIDING_EVAL", raw)
+    args = train_gpt.Hyperparameters()
+    assert args.use_compile is value and args.sliding_eval is value
+
+
+def test_empty_value_means_default(monkeypatch):
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("MODEL_DIM", "")
+    monkeypatch.setenv("USE_COMPILE", "")
+    args = train_gpt.Hyperparameters()
+    assert args.model_dim == 480 and args.use_compile is True
+
+
+def test_smoke_changes_defaults_but_environment_wins(monkeypatch):
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("SMOKE", "1")
+    monkeypatch.setenv("MODEL_DIM", "64")
+    args = train_gpt.Hyperparameters()
+    assert args.smoke is True
+    assert args.model_dim == 64  # environment
+    assert (args.train_seq_len, args.num_layers, args.iterations) == (511, 2, 200)  # SMOKE_DEFAULTS
+    assert args.data_path == train_gpt.EMBEDDED_SAMPLE_DIR
+    assert args.matrix_lr == 0.025  # not in SMOKE_DEFAULTS: the reference default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad environments: one change from the valid tiny configuration each
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# id, overrides ("{tmp}" is a scratch folder), (variable, value) pairs the message must show as VAR=value,
+# further text the message must hold (what is expected), files to write under {tmp} first.
+BAD = [
+    # wrong type
+    ("int-given-float", {"MODEL_DIM": "32.0"}, [("MODEL_DIM", "32.0")], ["integer"], {}),
+    ("int-given-word", {"ITERATIONS": "many"}, [("ITERATIONS", "many")], ["integer"], {}),
+    ("float-given-word", {"MATRIX_LR": "fast"}, [("MATRIX_LR", "fast")], ["number"], {}),
+    ("bool-maybe", {"USE_COMPILE": "maybe"}, [("USE_COMPILE", "maybe")], ["0 or 1"], {}),
+    ("bool-two", {"TTT_ENABLED": "2"}, [("TTT_ENABLED", "2")], ["0 or 1"], {}),
+    ("world-size-word", {"WORLD_SIZE": "two"}, [("WORLD_SIZE", "two")], ["integer"], {}),
+    # out of range
+    ("layers-zero", {"NUM_LAYERS": "0"}, [("NUM_LAYERS", "0")], [">= 1"], {}),
+    ("lr-negative", {"EMBED_LR": "-0.1"}, [("EMBED_LR", "-0.1")], [">= 0"], {}),
+    ("ema-above-one", {"EMA_DECAY": "1.5"}, [("EMA_DECAY", "1.5")], ["<= 1"], {}),
+    ("momentum-above-one", {"MUON_MOMENTUM": "1.01"}, [("MUON_MOMENTUM", "1.01")], ["<= 1"], {}),
+    ("world-size-zero", {"WORLD_SIZE": "0"}, [("WORLD_SIZE", "0")], [">= 1"], {}),
+    ("ema-nan", {"EMA_DECAY": "nan"}, [("EMA_DECAY", "nan")], ["expected"], {}),
+    ("lr-inf", {"MATRIX_LR": "inf"}, [("MATRIX_LR", "inf")], ["expected"], {}),
+    ("seed-beyond-64-bits", {"SEED": str(2**64)}, [("SEED", str(2**64))], ["expected"], {}),
+    # choices
+    ("weight-avg", {"WEIGHT_AVG": "mean"}, [("WEIGHT_AVG", "mean")], ["ema", "swa", "none"], {}),
+    ("quant", {"QUANT": "int8"}, [("QUANT", "int8")], ["rtn", "gptq"], {}),
+    # inconsistent combinations
+    ("seq-not-patch-multiple", {"TRAIN_SEQ_LEN": "64"}, [("TRAIN_SEQ_LEN", "64"), ("PATCH_SIZE", "4")],
+     ["multiple of PATCH_SIZE"], {}),
+    ("patch-not-dividing-window", {"PATCH_SIZE": "5"}, [("TRAIN_SEQ_LEN", "63"), ("PATCH_SIZE", "5")],
+     ["multiple of PATCH_SIZE"], {}),
+    ("train-batch", {"TRAIN_BATCH_TOKENS": "1000"}, [("TRAIN_BATCH_TOKENS", "1000")], ["504"], {}),
+    ("train-batch-world-2", {"WORLD_SIZE": "2", "TRAIN_BATCH_TOKENS": "756"}, [("TRAIN_BATCH_TOKENS", "756")],
+     ["2 x 4 x 63", "504"], {}),
+    ("val-batch", {"VAL_BATCH_SIZE": "1500"}, [("VAL_BATCH_SIZE", "1500")], ["504"], {}),
+    ("heads-not-dividing-width", {"NUM_HEADS": "3"}, [("MODEL_DIM", "32"), ("NUM_HEADS", "3")], ["divid"], {}),
+    ("odd-head-size", {"MODEL_DIM": "36", "NUM_HEADS": "4"}, [("MODEL_DIM", "36"), ("NUM_HEADS", "4")], ["even"], {}),
+    ("kv-not-dividing-heads", {"NUM_HEADS": "4", "NUM_KV_HEADS": "3"}, [("NUM_HEADS", "4"), ("NUM_KV_HEADS", "3")],
+     ["dividing NUM_HEADS"], {}),
+    ("kv-more-than-heads", {"NUM_KV_HEADS": "4"}, [("NUM_HEADS", "2"), ("NUM_KV_HEADS", "4")],
+     ["dividing NUM_HEADS"], {}),
+    ("decoder-heads", {"DECODER_HEADS": "3"}, [("MODEL_DIM", "32"), ("DECODER_HEADS", "3")], ["divid"], {}),
+    ("world-size-3", {"WORLD_SIZE": "3"}, [("WORLD_SIZE", "3")], ["divisor of 8"], {}),
+    ("world-size-16", {"WORLD_SIZE": "16"}, [("WORLD_SIZE", "16")], ["divisor of 8"], {}),
+    ("stride-not-patch-multiple", {"VAL_SLIDING_STRIDE": "10"}, [("VAL_SLIDING_STRIDE", "10")],
+     ["PATCH_SIZE=4"], {}),
+    ("stride-beyond-seq", {"VAL_SLIDING_STRIDE": "64"}, [("VAL_SLIDING_STRIDE", "64")], ["TRAIN_SEQ_LEN=63"], {}),
+    ("ttt-chunk", {"TTT_CHUNK_TOKENS": "200"}, [("TTT_CHUNK_TOKENS", "200")], ["64"], {}),
+    ("ttt-freeze", {"TTT_FREEZE_BLOCKS": "3"}, [("TTT_FREEZE_BLOCKS", "3")], ["NUM_LAYERS=2"], {}),
+    ("gptq-reserve-equal-cap", {"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"},
+     [("GPTQ_RESERVE_SECONDS", "10"), ("MAX_WALLCLOCK_SECONDS", "10")], ["shorter"], {}),
+    ("gptq-reserve-above-cap", {"MAX_WALLCLOCK_SECONDS": "20", "GPTQ_RESERVE_SECONDS": "30"},
+     [("GPTQ_RESERVE_SECONDS", "30"), ("MAX_WALLCLOCK_SECONDS", "20")], ["shorter"], {}),
+    # vocabulary and files
+    ("vocab-256", {"VOCAB_SIZE": "256"}, [("VOCAB_SIZE", "256")], ["260"], {}),
+    ("vocab-261", {"VOCAB_SIZE": "261"}, [("VOCAB_SIZE", "261")], ["260"], {}),
+    ("tokenizer-missing", {"TOKENIZER_PATH": "{tmp}/missing.json"}, [("TOKENIZER_PATH", "{tmp}/missing.json")],
+     [], {}),
+    ("tokenizer-is-folder", {"TOKENIZER_PATH": "{tmp}"}, [("TOKENIZER_PATH", "{tmp}")], [], {}),
+    ("tokenizer-unparseable", {"TOKENIZER_PATH": "{tmp}/tok.json"}, [("TOKENIZER_PATH", "{tmp}/tok.json")],
+     ["JSON"], {"tok.json": '{"tokenizer_type": "pure_byte", '}),
+    ("tokenizer-not-an-object", {"TOKENIZER_PATH": "{tmp}/tok.json"}, [("TOKENIZER_PATH", "{tmp}/tok.json")],
+     ["pure_byte"], {"tok.json": "[260]"}),
+    ("tokenizer-sentencepiece", {"TOKENIZER_PATH": "{tmp}/tok.json"}, [("TOKENIZER_PATH", "{tmp}/tok.json")],
+     ["'sentencepiece'", "pure_byte"], {"tok.json": json.dumps({"tokenizer_type": "sentencepiece", "vocab_size": 260})}),
+    ("tokenizer-vocab-1024", {"TOKENIZER_PATH": "{tmp}/tok.json"}, [("TOKENIZER_PATH", "{tmp}/tok.json")],
+     ["1024", "260"], {"tok.json": json.dumps({"tokenizer_type": "pure_byte", "vocab_size": 1024})}),
+    ("dataset-missing", {"DATA_PATH": "{tmp}/nowhere"}, [("DATA_PATH", "{tmp}/nowhere")],
+     ["python3 data/prepare.py"], {}),
+    ("dataset-folder-without-shards", {"DATA_PATH": "{tmp}"}, [("DATA_PATH", "{tmp}")],
+     ["fineweb_train_*.bin", "python3 data/prepare.py"], {}),
+    # a fresh checkout: neither the shards nor the tokenizer description that `data/prepare.py` writes exist
+    ("dataset-and-tokenizer-missing", {"DATA_PATH": "{tmp}/data", "TOKENIZER_PATH": "{tmp}/data/tok.json"}, [],
+     ["{tmp}/data", "python3 data/prepare.py"], {}),
+    ("eval-only-missing", {"EVAL_ONLY": "{tmp}/model.ptz"}, [("EVAL_ONLY", "{tmp}/model.ptz")], ["not found"], {}),
+]
+BAD_IDS = [case[0] for case in BAD]
+assert len(set(BAD_IDS)) == len(BAD_IDS)
+
+
+def prepare_case(case, tmp_path, corpus):
+    """The environment of one bad case (files written), its (variable, value) pairs and expected text."""
+    _, overrides, named, expected, files = case
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    fill = lambda s: s.replace("{tmp}", str(tmp_path))  # noqa: E731
+    env = tiny_env(corpus, **{k: fill(v) for k, v in overrides.items()})
+    return env, [(var, fill(value)) for var, value in named], [fill(s) for s in expected]
+
+
+def assert_names(message: str, named, expected):
+    assert "\n" not in message, message
+    for var, value in named:  # VAR=value, the value possibly quoted, and not the prefix of a longer number
+        assert re.search(rf"\b{var}=['\"]?{re.escape(value)}(?![0-9])", message), (var, value, message)
+    for text in expected:
+        assert text in message, (text, message)
+
+
+@pytest.mark.parametrize("case", BAD, ids=BAD_IDS)
+def test_bad_environment_raises_config_error(case, tmp_path, corpus, monkeypatch):
+    env, named, expected = prepare_case(case, tmp_path, corpus)
+    set_env(monkeypatch, env)
+    with pytest.raises(train_gpt.ConfigError) as info:
+        train_gpt.check_inputs(train_gpt.Hyperparameters())
+    assert_names(str(info.value), named, expected)
+
+
+# one per kind: type, boolean, range, choice, window/patch, batch divisibility, heads, KV heads, world size,
+# vocabulary, tokenizer file, dataset, EVAL_ONLY
+SUBPROCESS_IDS = ["int-given-word", "bool-maybe", "layers-zero", "quant", "seq-not-patch-multiple", "train-batch",
+                  "decoder-heads", "kv-not-dividing-heads", "world-size-3", "vocab-256", "tokenizer-sentencepiece",
+                  "dataset-missing", "eval-only-missing"]
+
+
+def assert_fails_fast(run, named, expected):
+    proc = run.proc
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert_names(lines[0], named, expected)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "step:" not in proc.stdout and run.log == ""
+    assert not (run.cwd / "logs").exists()  # stopped before the logger, the process group and the model
+
+
+@pytest.mark.parametrize("case_id", SUBPROCESS_IDS)
+def test_script_stops_with_one_error_line(case_id, tmp_path, corpus):
+    env, named, expected = prepare_case(BAD[BAD_IDS.index(case_id)], tmp_path, corpus)
+    run = run_script(tmp_path / "run", env, timeout=120)
+    assert_fails_fast(run, named, expected)
+
+
+def test_fresh_checkout_points_to_data_command(tmp_path, corpus):
+    """Default DATA_PATH and TOKENIZER_PATH, neither prepared: the one line says how to get the data."""
+    env = {k: v for k, v in tiny_env(corpus).items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+    env.update(DATA_PATH="", TOKENIZER_PATH="")  # empty = default, whatever the calling shell has set
+    run = run_script(tmp_path, env, timeout=120)
+    assert_fails_fast(run, [], ["python3 data/prepare.py"])
+
+
+def test_torchrun_two_processes_bad_value(tmp_path, corpus):
+    env = tiny_env(corpus, TRAIN_BATCH_TOKENS="756")
+    run = run_script(tmp_path, env, nproc=2, timeout=180)
+    proc = run.proc
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr  # rank 0 speaks, rank 1 is silent
+    assert_names(errors[0], [("TRAIN_BATCH_TOKENS", "756")], ["2 x 4 x 63", "504"])
+    # both children exited with the user-mistake status; torchrun's own summary (and the traceback of its
+    # ChildFailedError, if it prints one) is about the launcher, never a frame of train_gpt.py
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr
+    frames = re.findall(r'File "([^"]+)", line', proc.stderr)
+    assert not [f for f in frames if f.endswith("train_gpt.py")], proc.stderr
+    assert all("torch" in f or f.startswith("<frozen") for f in frames), frames
+    assert "step:" not in proc.stdout and not (tmp_path / "logs").exists()

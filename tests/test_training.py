@@ -1,0 +1,143 @@
+"""Training: schedule, Muon, and end-to-end runs (loss falls, 1 vs 2 processes, validation and priming
+leave training unharmed, the wallclock cap)."""
+import math
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import run_script, tiny_env
+
+
+def train_losses(run) -> dict[int, float]:
+    out = {}
+    for line in run.lines("step:"):
+        if "train_loss:" in line:
+            out[int(line.split("/")[0][5:])] = float(line.split("train_loss:")[1].split()[0])
+    return out
+
+
+def test_lr_scale_by_steps_without_a_cap(tiny_args):
+    args = tiny_args(ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0)
+    assert train_gpt.lr_scale(0, 0.0, args) == 1.0
+    assert train_gpt.lr_scale(79, 0.0, args) == 1.0
+    assert train_gpt.lr_scale(80, 0.0, args) == pytest.approx(1.0)
+    assert train_gpt.lr_scale(90, 0.0, args) == pytest.approx(0.5)
+    assert train_gpt.lr_scale(100, 0.0, args) == 0.0
+
+
+def test_lr_scale_by_remaining_wallclock_with_a_cap(tiny_args):
+    args = tiny_args(WARMDOWN_ITERS=100, MAX_WALLCLOCK_SECONDS=10, QUANT="rtn")
+    # 50 steps in 2 s: 40 ms/step, so the warmdown lasts 100 steps = 4 s, starting at 6 s
+    assert train_gpt.lr_scale(50, 2000.0, args) == 1.0
+    assert train_gpt.lr_scale(150, 6000.0, args) == pytest.approx(1.0)
+    assert train_gpt.lr_scale(200, 8000.0, args) == pytest.approx(0.5)
+    assert train_gpt.lr_scale(250, 10_500.0, args) == 0.0
+
+
+def test_gptq_reserve_shortens_the_training_cap(tiny_args):
+    assert tiny_args(MAX_WALLCLOCK_SECONDS=600, QUANT="gptq", GPTQ_RESERVE_SECONDS=20).training_cap_seconds() == 580
+    assert tiny_args(MAX_WALLCLOCK_SECONDS=600, QUANT="rtn", GPTQ_RESERVE_SECONDS=20).training_cap_seconds() == 600
+    assert tiny_args(MAX_WALLCLOCK_SECONDS=0).training_cap_seconds() == 0
+
+
+def test_muon_momentum_warms_up_linearly(tiny_args):
+    args = tiny_args(MUON_MOMENTUM_WARMUP_STEPS=100)
+    assert train_gpt.muon_momentum(0, args) == pytest.approx(0.92)
+    assert train_gpt.muon_momentum(50, args) == pytest.approx(0.955)
+    assert train_gpt.muon_momentum(100, args) == pytest.approx(0.99)
+    assert train_gpt.muon_momentum(5000, args) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 96)])
+def test_newton_schulz_makes_singular_values_near_one(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(train_gpt.newton_schulz_orthogonalize(g, 5))
+    raw = torch.linalg.svdvals(g)
+    assert raw.max() / raw.median() > 1.5  # the input is far from orthogonal
+    assert s.min().item() > 0.5 and s.max().item() < 1.3  # the quintic iteration's band around 1
+
+
+def test_muon_update_is_orthogonalised_and_scaled(cpu_runtime):
+    p = torch.nn.Parameter(torch.zeros(48, 16))
+    opt = train_gpt.Muon([p], lr=0.1, momentum=0.0, backend_steps=5, rt=cpu_runtime)
+    p.grad = torch.randn(48, 16)
+    opt.step()
+    expected = -0.1 * train_gpt.newton_schulz_orthogonalize(p.grad, 5) * math.sqrt(48 / 16)
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime):
+    args = tiny_args()
+    model = train_gpt.build_model(args)
+    adam, muon = train_gpt.build_optimizers(model, args, cpu_runtime)
+    groups = [g["params"] for g in adam.param_groups] + [muon.param_groups[0]["params"]]
+    ids = [id(p) for group in groups for p in group]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
+    assert [g["lr"] for g in adam.param_groups] == [args.embed_lr, args.head_lr, args.scalar_lr]
+    assert adam.param_groups[1]["params"] == [model.head.weight]
+
+
+@pytest.fixture(scope="module")
+def twin_runs(corpus, tmp_path_factory):
+    """The same tiny run on 1 and on 2 processes (gloo), with periodic validation and TTT."""
+    env = tiny_env(corpus, ITERATIONS=10, VAL_LOSS_EVERY=4, TRAIN_LOG_EVERY=1, USE_COMPILE=0)
+    one = run_script(tmp_path_factory.mktemp("one"), env, nproc=1, run_id="one")
+    two = run_script(tmp_path_factory.mktemp("two"), env, nproc=2, run_id="two")
+    return one, two
+
+
+def test_one_and_two_processes_give_the_same_step_losses(twin_runs):
+    one, two = twin_runs
+    assert one.proc.returncode == 0, one.proc.stderr[-3000:]
+    assert two.proc.returncode == 0, two.proc.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in two.log
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == list(range(1, 11)) and sorted(b) == sorted(a)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-4), f"step {step}"
+    for label in ("step:4/10 val", "step:8/10 val", "final_int6_lzma_roundtrip_exact", "final_ttt_exact"):
+        assert two.value(label, "val_bpb") == pytest.approx(one.value(label, "val_bpb"), rel=1e-4), label
+
+
+def test_loss_falls_on_a_small_corpus(corpus, tmp_path):
+    run = run_script(tmp_path, tiny_env(corpus, ITERATIONS=40, TRAIN_LOG_EVERY=10, TTT_ENABLED=0), run_id="fall")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    losses = train_losses(run)
+    assert losses[1] == pytest.approx(math.log(260), abs=0.05)
+    assert losses[40] < losses[1] - 2.0
+    assert run.value("step:40/40 val", "val_bpb") < 4.0
+
+
+def test_validation_during_training_leaves_training_unharmed(twin_runs, corpus, tmp_path):
+    """Periodic validation runs under inference mode; the training that follows must be the same."""
+    one, _ = twin_runs
+    quiet = run_script(tmp_path, tiny_env(corpus, ITERATIONS=10, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=1,
+                                          TTT_ENABLED=0), run_id="quiet")
+    assert quiet.proc.returncode == 0, quiet.proc.stderr[-3000:]
+    assert len(one.lines("step:4/10 val")) == 1 and not quiet.lines("step:4/10 val")
+    assert train_losses(quiet) == train_losses(one)
+
+
+def test_warmup_priming_restores_weights_optimizer_and_data(corpus, tmp_path):
+    env = tiny_env(corpus, ITERATIONS=6, TTT_ENABLED=0, PREQUANT_EVAL=0, ROUNDTRIP_EVAL=0)
+    cold = run_script(tmp_path / "cold", env, run_id="cold")
+    primed = run_script(tmp_path / "primed", dict(env, WARMUP_STEPS="3"), run_id="primed")
+    assert primed.proc.returncode == 0, primed.proc.stderr[-3000:]
+    assert primed.lines("warmup_priming: 3 steps")
+    assert train_losses(primed) == train_losses(cold)
+
+
+def test_wallclock_cap_stops_early_and_logs_it(corpus, tmp_path):
+    env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
+                   QUANT="rtn", WARMDOWN_ITERS=100_000)
+    run = run_script(tmp_path, env, run_id="cap")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    stop = run.lines("stopping_early: wallclock_cap")
+    assert len(stop) == 1
+    stopped_at = int(stop[0].split("step:")[1].split("/")[0])
+    assert 0 < stopped_at < 100_000
+    assert float(stop[0].split("train_time:")[1].split("ms")[0]) >= 3000
+    assert run.lines("late_qat: on at step:"), "a warmdown longer than the run starts QAT at once"
+    assert run.lines(f"step:{stopped_at}/100000 val_loss:")
