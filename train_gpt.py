@@ -999,11 +999,13 @@ def read_artifact(path: str | Path) -> dict:
 def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:
     """A fresh model (CPU, float32) holding the artifact's dequantised weights; QAT off."""
     model = build_model(args)
-    missing, unexpected = model.load_state_dict(dequantize_state(read_artifact(path)), strict=False)
-    absent = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
-    if absent or unexpected:
+    state, own = dequantize_state(read_artifact(path)), model.state_dict()
+    absent = [k for k in own if k not in state and not k.startswith(TRAINING_ONLY_PREFIXES)]
+    wrong = [f"{k} {tuple(v.shape)}" for k, v in state.items() if k not in own or v.shape != own[k].shape]
+    if absent or wrong:
         raise ConfigError(f"{path}: artifact does not match the model configured here (missing {absent[:3]}, "
-                          f"unexpected {unexpected[:3]}); set the same model knobs as the run that wrote it")
+                          f"unexpected {wrong[:3]}); set the same model knobs as the run that wrote it")
+    model.load_state_dict(state, strict=False)
     return model
 
 
