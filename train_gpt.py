@@ -127,7 +127,7 @@ class Hyperparameters:
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
         self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
         self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only
-        self.val_batch_size = knob("VAL_BATCH_SIZE", 524_032, lo=1)  # targets per evaluation forward, all ranks
+        self.val_batch_size = knob("VAL_BATCH_SIZE", 524_032, lo=1)  # eval targets per 8 forwards (world x accum)
         self.use_compile = knob("USE_COMPILE", True)  # torch.compile on CUDA (ignored on CPU)
         self.matrix_lr = knob("MATRIX_LR", 0.025, lo=0.0)  # Muon
         self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
@@ -349,7 +349,12 @@ class DistributedTokenLoader:
         span = self.seqs * self.seq + 1
         chunk = self.stream.take(span * self.world)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        return local.unfold(0, self.seq + 1, self.seq).to(self.device, non_blocking=True)
+        return to_device(local.unfold(0, self.seq + 1, self.seq), self.device)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device copy that does not stall the host (pinned memory) on CUDA."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
@@ -399,7 +404,7 @@ class CastedLinear(nn.Linear):
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=1e-6)  # explicit: the default follows the dtype (bf16: 8e-3)
 
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
@@ -485,22 +490,24 @@ def sigreg(z: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -
     """Sketched isotropic-Gaussian regulariser: project z (N, D) on unit directions (D, S) and measure, per
     projection, the Gaussian-windowed squared distance between the empirical characteristic function and the
     standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
-    marginals, so the targets can neither collapse nor drift in scale."""
-    proj = z.float() @ directions
-    t = torch.linspace(0.0, t_max, knots, device=z.device)
-    phase = proj.unsqueeze(-1) * t
-    normal_cf = torch.exp(-0.5 * t.square())
-    err = (phase.cos().mean(0) - normal_cf).square() + phase.sin().mean(0).square()
-    trapezoid = torch.full_like(t, t_max / (knots - 1))
-    trapezoid[0] = trapezoid[-1] = trapezoid[0] / 2
-    return (err * normal_cf * trapezoid).sum(-1).mean()
+    marginals, so the targets can neither collapse nor drift in scale. Computed in fp32: the phases t*x need
+    more precision than bf16 has."""
+    with torch.autocast(z.device.type, enabled=False):
+        proj = z.float() @ directions
+        t = torch.linspace(0.0, t_max, knots, device=z.device)
+        phase = proj.unsqueeze(-1) * t
+        normal_cf = torch.exp(-0.5 * t.square())
+        err = (phase.cos().mean(0) - normal_cf).square() + phase.sin().mean(0).square()
+        trapezoid = torch.full_like(t, t_max / (knots - 1))
+        trapezoid[0] = trapezoid[-1] = trapezoid[0] / 2
+        return (err * normal_cf * trapezoid).sum(-1).mean()
 
 
 def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) -> Tensor:
-    """Unit directions redrawn every step from a seed all ranks share."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(dim, slices, generator=g)
-    return (d / d.norm(dim=0, keepdim=True)).to(device)
+    """Unit directions redrawn every step from a seed all ranks share, drawn on the device (no host sync)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = torch.randn(dim, slices, generator=g, device=device)
+    return d / d.norm(dim=0, keepdim=True)
 
 
 class ByteJEPA(nn.Module):
@@ -672,10 +679,8 @@ class Muon(torch.optim.Optimizer):
                     flat[offset:offset + p.numel()] = update.flatten().float()
                 offset += p.numel()
             self.rt.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p), alpha=-group["lr"])
-                offset += p.numel()
+            updates = flat.split([p.numel() for p in params])
+            torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
 
 
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -764,7 +769,7 @@ class Trainer:
         self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
         self.params = list(model.parameters())
         self.optimizers = build_optimizers(model, args, rt)
-        self.loss_fn = torch.compile(model) if rt.compile else model
+        self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
 
     def step(self, step: int, scale: float) -> Tensor:
@@ -819,6 +824,7 @@ class Trainer:
         averager = WeightAverager(self.model, args)
         cap_ms = 1000.0 * args.training_cap_seconds()
         train_ms, step, stop_after, qat_on, last_val = 0.0, 0, None, False, None
+        shared_ms = 0.0  # training time by the slowest rank's clock: one schedule for all ranks
         rt.sync()
         t0 = time.perf_counter()
         while True:
@@ -834,8 +840,7 @@ class Trainer:
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
                 break
-            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            scale = lr_scale(step, elapsed_ms, args)
+            scale = lr_scale(step, shared_ms, args)
             if not qat_on and scale < args.late_qat_threshold:
                 set_late_qat(self.model, True)
                 qat_on = True
@@ -848,10 +853,11 @@ class Trainer:
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
                     f"step_avg:{elapsed_ms / step:.2f}ms")
-            if cap_ms > 0 and stop_after is None:
-                reached = torch.tensor(float(train_ms + 1000.0 * (time.perf_counter() - t0) >= cap_ms),
-                                       device=rt.device)
-                if rt.all_reduce(reached, dist.ReduceOp.MAX).item() > 0:  # every rank stops on the same step
+            if cap_ms > 0:
+                clock = torch.tensor(train_ms + 1000.0 * (time.perf_counter() - t0), dtype=torch.float64,
+                                     device=rt.device)
+                shared_ms = rt.all_reduce(clock, dist.ReduceOp.MAX).item()
+                if stop_after is None and shared_ms >= cap_ms:  # every rank stops on the same step
                     stop_after = step
         set_late_qat(self.model, False)
         log(averager.apply())
@@ -965,20 +971,21 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
 
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
     """The artifact's content: int6 + per-row fp16 scales for large matrices and embeddings (GPTQ where a
-    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out."""
+    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out. The work runs
+    where the weights are (GPTQ's column loop belongs on the GPU); the result is on the CPU."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float().cpu()
+        t = t.detach().float()
         if name.startswith(TRAINING_ONLY_PREFIXES):
             continue
         if stored_as_int6(name, t):
             h = hessians.get(name) if hessians else None
-            q, scales = quantize_gptq(t, h.cpu()) if h is not None else quantize_rtn(t)
-            out[name] = {"q": q, "scale": scales}
+            q, scales = quantize_gptq(t, h.to(t.device)) if h is not None else quantize_rtn(t)
+            out[name] = {"q": q.cpu(), "scale": scales.cpu()}
         elif any(c in name for c in CONTROL_TENSOR_NAMES):
-            out[name] = t
+            out[name] = t.cpu()
         else:
-            out[name] = t.half()
+            out[name] = t.half().cpu()
     return out
 
 
@@ -1087,24 +1094,26 @@ def rank_share(items: list, rt: Runtime) -> list:
 
 
 def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: torch.device) -> Tensor:
-    return torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)).to(device)
+    return to_device(torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)), device)
 
 
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
                 rt: Runtime) -> Totals:
-    """Sums of this rank's spans (no communication)."""
+    """Sums of this rank's spans (no communication). Short batches are padded with windows that score
+    nothing, so every forward has one shape and a compiled model compiles once."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
     for i in range(0, len(spans), batch_seqs):
         batch = spans[i:i + batch_seqs]
-        ids = gather_windows(tokens, [s for s, _, _ in batch], window, rt.device)
-        bounds = torch.tensor([(lo - s, hi - s) for s, lo, hi in batch], device=rt.device)
+        pad = batch_seqs - len(batch)
+        ids = gather_windows(tokens, [s for s, _, _ in batch] + [batch[0][0]] * pad, window, rt.device)
+        bounds = to_device(torch.tensor([(lo - s, hi - s) for s, lo, hi in batch] + [(0, 0)] * pad), rt.device)
         with rt.autocast():
             logits = logits_fn(ids)
         nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums[0] += nll[scored].sum()
+        sums[0] += torch.where(scored, nll, 0.0).sum()
         sums[1] += scored.sum()
         sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
     return Totals(sums)
@@ -1115,7 +1124,7 @@ def eval_batch_seqs(args: Hyperparameters) -> int:
 
 
 def logits_function(model: ByteJEPA, rt: Runtime):
-    return torch.compile(model.forward_logits) if rt.compile else model.forward_logits
+    return torch.compile(model.forward_logits, dynamic=False) if rt.compile else model.forward_logits
 
 
 def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
@@ -1170,26 +1179,30 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     by_chunk = [[] for _ in range(num_chunks)]
     for span in spans:
         by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
+    batch_seqs = min(eval_batch_seqs(args), max(-(-len(s) // rt.world) for s in by_chunk))  # one shape
     logits_fn = logits_function(model, rt)
     params = ttt_parameters(model, args)
+    chosen = {id(p) for p in params}
+    for p in model.parameters():  # frozen and training-only weights neither need nor collect gradients
+        p.requires_grad_(id(p) in chosen)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
-    loss_fn = torch.compile(model) if adapt and rt.compile else model
+    loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
     adapting = adapt and args.ttt_epochs > 0
-    totals, per_chunk, score_s, adapt_s, adapted = Totals(), [], 0.0, 0.0, 0
+    totals, per_chunk, score_times, adapt_times = Totals(), [], [], []
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
         t = time.perf_counter()
-        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, eval_batch_seqs(args), rt)
+        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
         chunk_totals = Totals(rt.all_reduce(mine.values.to(rt.device)))
         per_chunk.append(chunk_totals)
         totals = totals + chunk_totals
-        score_s += time.perf_counter() - t
+        score_times.append(time.perf_counter() - t)
         if adapting and c < num_chunks - 1:
-            elapsed = time.perf_counter() - eval_t0
-            mean_score = score_s / (c + 1)
-            next_adapt = adapt_s / adapted if adapted else mean_score
-            projected = elapsed + next_adapt + (num_chunks - c - 1) * mean_score
+            # rates leave out the first scoring and the first adaptation, which include compilation
+            score_rate = sum(score_times[1:]) / max(len(score_times) - 1, 1)
+            adapt_rate = sum(adapt_times[1:]) / (len(adapt_times) - 1) if len(adapt_times) > 1 else sum(adapt_times)
+            projected = time.perf_counter() - eval_t0 + adapt_rate + (num_chunks - c - 1) * score_rate
             over = torch.tensor(float(projected > args.eval_max_seconds), device=rt.device)
             if rt.all_reduce(over, dist.ReduceOp.MAX).item() > 0:  # all ranks decide alike
                 adapting = False
@@ -1202,12 +1215,11 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
-                adapt_s += time.perf_counter() - t
-                adapted += 1
+                adapt_times.append(time.perf_counter() - t)
         if (c + 1) % args.ttt_log_every == 0 or c == num_chunks - 1:
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
-                f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{score_s:.1f}s adapt:{adapt_s:.1f}s "
-                f"adapted_chunks:{adapted}")
+                f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
+                f"adapt:{sum(adapt_times):.1f}s adapted_chunks:{len(adapt_times)}")
     expected = len(tokens) - 1
     log(f"{name}_targets_scored:{totals.targets} expected:{expected} {'ok' if totals.targets == expected else 'MISMATCH'}")
     return totals, per_chunk
@@ -1255,9 +1267,11 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"python {sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} "
         f"world_size:{rt.world} grad_accum_steps:{args.grad_accum_steps} compile:{rt.compile}")
     log(f"hardware: {describe_hardware(rt)}")
-    if rt.cuda:
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout
-        log(smi, console=False)
+    if rt.cuda and rt.master:
+        try:
+            log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
+        except OSError:
+            log("nvidia-smi: not available", console=False)
     if args.smoke:
         log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
 
