@@ -815,7 +815,6 @@ class Trainer:
         totals = evaluate_standard(self.model, self.val_tokens, self.args, self.rt)
         self.log(f"step:{step}/{self.args.iterations} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f} "
                  f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-        return totals
 
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
@@ -823,7 +822,7 @@ class Trainer:
         self.prime()
         averager = WeightAverager(self.model, args)
         cap_ms = 1000.0 * args.training_cap_seconds()
-        train_ms, step, stop_after, qat_on, last_val = 0.0, 0, None, False, None
+        train_ms, step, stop_after, qat_on = 0.0, 0, None, False
         shared_ms = 0.0  # training time by the slowest rank's clock: one schedule for all ranks
         rt.sync()
         t0 = time.perf_counter()
@@ -832,7 +831,7 @@ class Trainer:
             if last or (args.val_loss_every and step % args.val_loss_every == 0):
                 rt.sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
-                last_val = self.validate(step, train_ms)
+                self.validate(step, train_ms)
                 self.model.train()
                 rt.sync()
                 t0 = time.perf_counter()
@@ -861,7 +860,7 @@ class Trainer:
                     stop_after = step
         set_late_qat(self.model, False)
         log(averager.apply())
-        return dict(step_stop=step, train_ms=train_ms, live_val=last_val)
+        return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 1))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1029,8 +1028,8 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
     return total
 
 
-def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime, log) -> tuple[Path, dict]:
-    """Quantises, compresses and writes the artifact (rank 0), then accounts for its size."""
+def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime) -> Path:
+    """Quantises, compresses and writes the artifact (rank 0); every rank returns its path."""
     path = Path(ARTIFACT_NAME)
     if rt.master:
         blob = serialize_artifact(quantize_state(model.state_dict(), hessians))
@@ -1038,9 +1037,14 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime, log) ->
         tmp.write_bytes(blob)
         os.replace(tmp, path)
     rt.barrier()
+    return path
+
+
+def account_sizes(path: Path, log) -> dict:
+    """The artifact's and this script's bytes, logged and checked against the cap."""
     sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
     sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log)
-    return path, sizes
+    return sizes
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1221,7 +1225,8 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                 f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
                 f"adapt:{sum(adapt_times):.1f}s adapted_chunks:{len(adapt_times)}")
     expected = len(tokens) - 1
-    log(f"{name}_targets_scored:{totals.targets} expected:{expected} {'ok' if totals.targets == expected else 'MISMATCH'}")
+    verdict = "ok" if totals.targets == expected else "MISMATCH"
+    log(f"{name}_targets_scored:{totals.targets} expected:{expected} {verdict}")
     return totals, per_chunk
 
 
@@ -1302,8 +1307,9 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens
         return 1000.0 * (time.perf_counter() - t0)
 
     if args.roundtrip_eval:
-        results["final_int6_lzma_roundtrip"] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
-        log_final(log, "final_int6_lzma_roundtrip", results["final_int6_lzma_roundtrip"], elapsed_ms())
+        label = "final_int6_lzma_roundtrip"
+        results[label] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
+        log_final(log, label, results[label], elapsed_ms())
     for label, enabled, adapt in (("final_sliding", args.sliding_eval, False), ("final_ttt", args.ttt_enabled, True)):
         if enabled:
             results[label], _ = evaluate_score_first(model, val_tokens, args, rt, log, adapt, t0)
@@ -1337,40 +1343,40 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
     log(f"submission: {path}")
 
 
+def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log,
+                     facts: dict) -> tuple[Path, ByteJEPA]:
+    """Training, weight averaging, GPTQ calibration (inside the training budget), the artifact on disk."""
+    model = build_model(args).to(rt.device)
+    stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} (stored: {stored})")
+    trainer = Trainer(args, rt, model, val_tokens, log)
+    facts.update(trainer.run())
+    hessians = None
+    if args.quant == "gptq":
+        rt.sync()
+        t = time.perf_counter()
+        hessians = collect_hessians(model, trainer.loader, args, rt)
+        rt.sync()
+        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {time.perf_counter() - t:.2f}s "
+            f"(reserved {args.gptq_reserve_seconds:.0f}s)")
+    t = time.perf_counter()
+    path = export_artifact(model, hessians, rt)
+    log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")
+    return path, model
+
+
 def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log_run_header(args, rt, log)
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     facts, results = {}, {}
-    if args.eval_only:
-        path = Path(args.eval_only)
-        sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
-        sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log)
-        facts.update(sizes)
-    else:
-        t_start = time.perf_counter()
-        model = build_model(args).to(rt.device)
-        log(f"model_params:{sum(p.numel() for p in model.parameters())} "
-            f"(stored: {sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))})")
-        trainer = Trainer(args, rt, model, val_tokens, log)
-        facts.update(trainer.run())
-        hessians = None
-        if args.quant == "gptq":
-            rt.sync()
-            t = time.perf_counter()
-            hessians = collect_hessians(model, trainer.loader, args, rt)
-            rt.sync()
-            log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {time.perf_counter() - t:.2f}s "
-                f"(reserved {args.gptq_reserve_seconds:.0f}s)")
-        t = time.perf_counter()
-        path, sizes = export_artifact(model, hessians, rt, log)
-        log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")
-        facts.update(sizes, wallclock_seconds=round(time.perf_counter() - t_start, 1))
-        log_peak_memory(rt, log)
-        if args.prequant_eval:
-            results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
-            log_final(log, "final_prequant", results["final_prequant"])
-        del model, trainer
+    path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
+    facts.update(account_sizes(path, log))  # past the cap, the run ends here
+    log_peak_memory(rt, log)
+    if model is not None and args.prequant_eval:
+        results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
+        log_final(log, "final_prequant", results["final_prequant"])
+    del model
     results.update(evaluate_artifact(path, args, rt, val_tokens, log))
     log_peak_memory(rt, log)
     write_submission(args, rt, log, results, facts)
