@@ -141,3 +141,15 @@ def test_wallclock_cap_stops_early_and_logs_it(corpus, tmp_path):
     assert float(stop[0].split("train_time:")[1].split("ms")[0]) >= 3000
     assert run.lines("late_qat: on at step:"), "a warmdown longer than the run starts QAT at once"
     assert run.lines(f"step:{stopped_at}/100000 val_loss:")
+
+
+def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
+    """The cap decision and the LR schedule use one clock (the slowest rank's): a rank stopping alone would
+    leave the other waiting in a collective, so a clean exit with one stop line is the check."""
+    env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
+                   QUANT="rtn", WARMDOWN_ITERS=100_000)
+    run = run_script(tmp_path, env, nproc=2, run_id="cap2", timeout=240)
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert len(run.lines("stopping_early: wallclock_cap")) == 1
+    assert len(run.lines("late_qat: on at step:")) == 1
+    assert run.lines("final_int6_lzma_roundtrip_exact")
