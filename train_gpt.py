@@ -349,7 +349,8 @@ class DistributedTokenLoader:
         span = self.seqs * self.seq + 1
         chunk = self.stream.take(span * self.world)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        return to_device(local.unfold(0, self.seq + 1, self.seq), self.device)
+        # contiguous like every other batch of windows: one stride, no recompilation of a compiled model
+        return to_device(local.unfold(0, self.seq + 1, self.seq).contiguous(), self.device)
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -1123,8 +1124,11 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
     return Totals(sums)
 
 
-def eval_batch_seqs(args: Hyperparameters) -> int:
-    return max(1, args.val_batch_size // (8 * args.train_seq_len))
+def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
+    """Windows per forward in every evaluation: VAL_BATCH_SIZE's share, capped by a TTT chunk's windows per
+    rank, so standard, sliding and TTT scoring share one shape and a compiled model compiles once."""
+    per_chunk = -(-args.ttt_chunk_tokens // args.val_sliding_stride)
+    return max(1, min(args.val_batch_size // (8 * args.train_seq_len), -(-per_chunk // rt.world)))
 
 
 def logits_function(model: ByteJEPA, rt: Runtime):
@@ -1138,7 +1142,7 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
     model.eval()
     spans = plan_windows(len(tokens), args.window, args.window - 1)
     mine = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                       eval_batch_seqs(args), rt)
+                       eval_batch_seqs(args, rt), rt)
     return Totals(rt.all_reduce(mine.values.to(rt.device)))
 
 
@@ -1183,7 +1187,6 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     by_chunk = [[] for _ in range(num_chunks)]
     for span in spans:
         by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
-    batch_seqs = min(eval_batch_seqs(args), max(-(-len(s) // rt.world) for s in by_chunk))  # one shape
     logits_fn = logits_function(model, rt)
     params = ttt_parameters(model, args)
     chosen = {id(p) for p in params}
@@ -1197,7 +1200,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
         t = time.perf_counter()
-        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
+        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, eval_batch_seqs(args, rt), rt)
         chunk_totals = Totals(rt.all_reduce(mine.values.to(rt.device)))
         per_chunk.append(chunk_totals)
         totals = totals + chunk_totals
