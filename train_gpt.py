@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -315,19 +316,24 @@ def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
 
 
 class TokenStream:
-    """The training shards read in order, cycling; `take(n)` returns the next n tokens."""
+    """The training shards read in order, cycling; `take(n)` returns the next n tokens. The next shard is read
+    (and checked) in a background thread while this one is consumed, so crossing shards does not stall a step."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
         self.paths, self.vocab_size = paths, vocab_size
+        self.reader = ThreadPoolExecutor(max_workers=1)
         self.index, self.pos = 0, 0
         self.tokens = load_data_shard(paths[0], vocab_size)
+        self.upcoming = self.reader.submit(load_data_shard, paths[1 % len(paths)], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.paths)
-                self.tokens, self.pos = load_data_shard(self.paths[self.index], self.vocab_size), 0
+                self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises here, when reached
+                following = self.paths[(self.index + 1) % len(self.paths)]
+                self.upcoming = self.reader.submit(load_data_shard, following, self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
