@@ -1,5 +1,6 @@
 """GPU checks (skipped without CUDA): flash attention under compile, bf16 training of the full default model,
 its peak memory and step time on one GPU with 8-step accumulation (the run's log lands in logs/)."""
+import json
 import time
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_full_default_model_trains_in_bf16_within_memory(tmp_path):
         tokens = rng.integers(4, 260, size=n).astype(np.uint16)
         tokens[::2048] = train_gpt.BOS_ID
         train_gpt.write_shard(data / name, tokens)
-    (data / "tokenizer.json").write_text(__import__("json").dumps(train_gpt.PURE_BYTE_TOKENIZER))
+    (data / "tokenizer.json").write_text(json.dumps(train_gpt.PURE_BYTE_TOKENIZER))
     run_id = f"cuda_full_default_{time.strftime('%Y%m%d_%H%M%S')}"
     env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(data / "tokenizer.json"), ITERATIONS="20",
                WARMUP_STEPS="3", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="5", TTT_ENABLED="0",

@@ -1,6 +1,8 @@
 """Evaluation: exact BPB accounting, window plans, sliding evaluation, score-first TTT (legality, lr-0
 equivalence, the time budget), 1 vs 2 processes (see test_training's twin runs)."""
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import run_script, tiny_env, write_corpus
+from conftest import run_script, tiny_env
 from test_model import randomize
 
 
@@ -94,7 +96,7 @@ def test_standard_evaluation_scores_the_tail_too(tiny_args, cpu_runtime):
 def score_first(args, rt, tokens, adapt=True, seed=0, log=None):
     model = randomize(train_gpt.build_model(args), seed).eval()
     return train_gpt.evaluate_score_first(model, tokens, args, rt, log or (lambda m: None), adapt,
-                                          eval_t0=__import__("time").perf_counter())
+                                          eval_t0=time.perf_counter())
 
 
 @pytest.mark.parametrize("knob", [dict(TTT_LR=0), dict(TTT_EPOCHS=0)])
@@ -167,7 +169,7 @@ def test_end_to_end_eval_lines_and_budget_stop(corpus, tmp_path):
     for label in ("final_int6_lzma_roundtrip", "final_sliding", "final_ttt"):
         assert len(run.lines(f"{label} val_loss:")) == 1 and "eval_time:" in run.lines(f"{label} val_loss:")[0]
         exact = run.lines(f"{label}_exact val_loss:")[0]
-        assert len(exact.split("val_bpb:")[1]) == len("0.12345678") or "." in exact
+        assert re.fullmatch(rf"{label}_exact val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}}", exact), exact
     assert run.lines("ttt_budget_stop:")
     assert run.value("final_ttt_exact", "val_bpb") == run.value("final_sliding_exact", "val_bpb")
     assert run.lines("eval_total_time:") and "projected_8gpu:" in run.lines("eval_total_time:")[0]
