@@ -1366,8 +1366,13 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
         t = time.perf_counter()
         hessians = collect_hessians(model, trainer.loader, args, rt)
         rt.sync()
-        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {time.perf_counter() - t:.2f}s "
+        calib_s = time.perf_counter() - t
+        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s "
             f"(reserved {args.gptq_reserve_seconds:.0f}s)")
+        used = facts["wallclock_seconds"] + calib_s
+        if 0 < args.max_wallclock_seconds < used:  # the rules count calibration as training time
+            log(f"warning: training + GPTQ calibration took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{args.max_wallclock_seconds:.0f}; raise GPTQ_RESERVE_SECONDS")
     t = time.perf_counter()
     path = export_artifact(model, hessians, rt)
     log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")

@@ -153,3 +153,14 @@ def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
     assert len(run.lines("stopping_early: wallclock_cap")) == 1
     assert len(run.lines("late_qat: on at step:")) == 1
     assert run.lines("final_int6_lzma_roundtrip_exact")
+
+
+def test_calibration_past_the_budget_is_flagged(corpus, tmp_path):
+    """With no time reserved, training fills the cap and GPTQ calibration lands past it: the log says so."""
+    env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=2, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
+                   QUANT="gptq", GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=50, PREQUANT_EVAL=0)
+    run = run_script(tmp_path, env, run_id="overrun")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert len(run.lines("warning: training + GPTQ calibration took")) == 1
+    fine = run_script(tmp_path, dict(env, GPTQ_RESERVE_SECONDS="1.5", GPTQ_CALIB_BATCHES="1"), run_id="fits")
+    assert fine.proc.returncode == 0 and not fine.lines("warning:")
