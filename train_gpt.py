@@ -1111,7 +1111,7 @@ def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: t
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
                 rt: Runtime) -> Totals:
-    """Sums of this rank's spans (no communication). Short batches are padded with windows that score
+    """Sums over the spans every rank was given, all-reduced (each rank passes its own share). Short batches are padded with windows that score
     nothing, so every forward has one shape and a compiled model compiles once."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
@@ -1127,7 +1127,7 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
         sums[0] += torch.where(scored, nll, 0.0).sum()
         sums[1] += scored.sum()
         sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
-    return Totals(sums)
+    return Totals(rt.all_reduce(sums))
 
 
 def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
@@ -1147,9 +1147,8 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
     next) over the whole split, the tail included, shared across ranks."""
     model.eval()
     spans = plan_windows(len(tokens), args.window, args.window - 1)
-    mine = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
+    return score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
                        eval_batch_seqs(args, rt), rt)
-    return Totals(rt.all_reduce(mine.values.to(rt.device)))
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
@@ -1206,8 +1205,8 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
         t = time.perf_counter()
-        mine = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, eval_batch_seqs(args, rt), rt)
-        chunk_totals = Totals(rt.all_reduce(mine.values.to(rt.device)))
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window,
+                                   eval_batch_seqs(args, rt), rt)
         per_chunk.append(chunk_totals)
         totals = totals + chunk_totals
         score_times.append(time.perf_counter() - t)
