@@ -151,6 +151,7 @@ class Hyperparameters:
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
         self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", 20.0, lo=0.0)  # cut from training for calibration
+        self.size_cap_bytes = knob("SIZE_CAP_BYTES", SIZE_CAP_BYTES, lo=1)  # code + artifact limit (tests lower it)
         # evaluation
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
@@ -1047,10 +1048,10 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime) -> Path
     return path
 
 
-def account_sizes(path: Path, log) -> dict:
+def account_sizes(path: Path, log, cap: int = SIZE_CAP_BYTES) -> dict:
     """The artifact's and this script's bytes, logged and checked against the cap."""
     sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
-    sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log)
+    sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log, cap)
     return sizes
 
 
@@ -1384,7 +1385,7 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
-    facts.update(account_sizes(path, log))  # past the cap, the run ends here
+    facts.update(account_sizes(path, log, args.size_cap_bytes))  # past the cap, the run ends here
     log_peak_memory(rt, log)
     if model is not None and args.prequant_eval:
         results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
