@@ -58,10 +58,13 @@ def _parse(name: str, raw: str, kind: type):
 
 
 def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None):
-    """One knob: the environment's value (or the default), parsed as `kind` and checked against its range."""
+    """One knob: the environment's value (or the default), parsed as `kind` and checked against its range.
+    A default of None is spelled "auto" in the environment."""
     kind = kind or type(default)
     raw = os.environ.get(name, "")
-    value = default if raw == "" else _parse(name, raw, kind)
+    value = default if raw == "" or (default is None and raw == "auto") else _parse(name, raw, kind)
+    if value is None:  # "auto": decided at run time
+        return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
     if lo is not None and value < lo:
@@ -100,6 +103,8 @@ class Hyperparameters:
         self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
         self.seed = knob("SEED", 1337, lo=0, hi=2**62)
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
+        # auto = CUDA, and an error without it (except SMOKE=1): a broken CUDA install must not train on the CPU
+        self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
@@ -121,14 +126,20 @@ class Hyperparameters:
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
         # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
-        self.train_batch_tokens = knob("TRAIN_BATCH_TOKENS", 524_032, lo=1)  # targets per optimizer step
+        # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
+        per_step = 8 * self.train_seq_len
+
+        def whole_windows(name, default):
+            return env(name, max(per_step, d.get(name, default) // per_step * per_step), lo=1)
+
+        self.train_batch_tokens = whole_windows("TRAIN_BATCH_TOKENS", 524_032)  # targets per optimizer step
         self.iterations = knob("ITERATIONS", 20_000, lo=0)
         self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
         self.warmdown_iters = knob("WARMDOWN_ITERS", 3500, lo=0)  # linear LR decay over this many steps' worth
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
         self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
         self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only
-        self.val_batch_size = knob("VAL_BATCH_SIZE", 524_032, lo=1)  # eval targets per 8 forwards (world x accum)
+        self.val_batch_size = whole_windows("VAL_BATCH_SIZE", 524_032)  # eval targets per 8 forwards (world x accum)
         self.use_compile = knob("USE_COMPILE", True)  # torch.compile on CUDA (ignored on CPU)
         self.matrix_lr = knob("MATRIX_LR", 0.025, lo=0.0)  # Muon
         self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
@@ -150,13 +161,16 @@ class Hyperparameters:
         # artifact
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
-        self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", 20.0, lo=0.0)  # cut from training for calibration
+        # seconds cut from training for calibration; auto: 1.5x one calibration batch timed before the clock, x batches
+        self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", None, float, lo=0.0)
         self.size_cap_bytes = knob("SIZE_CAP_BYTES", SIZE_CAP_BYTES, lo=1)  # code + artifact limit (tests lower it)
         # evaluation
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
         self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
-        self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", 256, lo=1)
+        # sliding/TTT stride: 256, or the window's whole patches for windows shorter than that
+        self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", max(self.patch_size, min(
+            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)
         self.ttt_enabled = knob("TTT_ENABLED", True)
         self.ttt_lr = knob("TTT_LR", 0.002, lo=0.0)
         self.ttt_epochs = knob("TTT_EPOCHS", 2, lo=0)
@@ -199,25 +213,30 @@ class Hyperparameters:
                                   f"even head size (rotary embeddings rotate pairs)")
             if heads % kv:
                 raise ConfigError(f"NUM_HEADS={heads}, NUM_KV_HEADS={kv}: expected NUM_KV_HEADS dividing NUM_HEADS")
-        if self.val_sliding_stride % self.patch_size or self.val_sliding_stride > self.train_seq_len:
-            raise ConfigError(f"VAL_SLIDING_STRIDE={self.val_sliding_stride}: expected a multiple of PATCH_SIZE="
-                              f"{self.patch_size} no larger than TRAIN_SEQ_LEN={self.train_seq_len}")
-        if self.ttt_chunk_tokens % self.window:
-            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
-                              f"TRAIN_SEQ_LEN+1={self.window}")
+        if self.sliding_eval or self.ttt_enabled:  # knobs of evaluations that will not run are not held against a run
+            if self.val_sliding_stride % self.patch_size or self.val_sliding_stride > self.train_seq_len:
+                raise ConfigError(f"VAL_SLIDING_STRIDE={self.val_sliding_stride}: expected a multiple of PATCH_SIZE="
+                                  f"{self.patch_size} no larger than TRAIN_SEQ_LEN={self.train_seq_len}")
+            if self.ttt_chunk_tokens % self.window:
+                raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
+                                  f"TRAIN_SEQ_LEN+1={self.window}")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
                               f"{self.num_layers}")
         cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
-        if self.quant == "gptq" and cap > 0 and reserve >= cap:
+        if self.quant == "gptq" and cap > 0 and reserve is not None and reserve >= cap:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: the reserve must be "
                               f"shorter than the cap")
 
-    def training_cap_seconds(self) -> float:
-        """Seconds the training loop may run: the cap, less what GPTQ calibration needs inside the budget."""
+    def training_cap_seconds(self, measured_reserve: float = 0.0) -> float:
+        """Seconds the training loop may run (0 = no cap): the cap, less what GPTQ calibration needs inside the
+        budget (GPTQ_RESERVE_SECONDS, or the reserve measured when it is auto)."""
         if self.max_wallclock_seconds <= 0:
             return 0.0
-        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant == "gptq" else 0.0)
+        if self.quant != "gptq":
+            return self.max_wallclock_seconds
+        reserve = measured_reserve if self.gptq_reserve_seconds is None else self.gptq_reserve_seconds
+        return max(self.max_wallclock_seconds - reserve, 1e-3)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -500,7 +519,7 @@ def sigreg(z: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -
     standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
     marginals, so the targets can neither collapse nor drift in scale. Computed in fp32: the phases t*x need
     more precision than bf16 has."""
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.autocast("cuda", enabled=False):  # the only autocast this script enables
         proj = z.float() @ directions
         t = torch.linspace(0.0, t_max, knots, device=z.device)
         phase = proj.unsqueeze(-1) * t
@@ -557,9 +576,9 @@ class ByteJEPA(nn.Module):
         from patches < p (the start latent for p = 0), so its state depends on bytes < i only."""
         B, L = ids.shape
         start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
-        cond = torch.cat((start, predicted[:, :-1]), dim=1).repeat_interleave(self.patch_size, dim=1)
+        cond = self.latent_in(torch.cat((start, predicted[:, :-1]), dim=1))  # once per patch, then expanded
         prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
-        x = x0 = self.dec_emb(prev) + self.latent_in(cond)
+        x = x0 = self.dec_emb(prev) + cond.repeat_interleave(self.patch_size, dim=1)
         for block in self.dec_blocks:
             x = block(x, x0)
         return rms_norm(x)
@@ -594,26 +613,70 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
     return ByteJEPA(args)
 
 
+def flops_per_window(args: Hyperparameters, training: bool) -> dict[str, float]:
+    """Analytic FLOPs of one window (2 per multiply-add), by component. Matmuls only: norms, RoPE, softmax and
+    the losses' elementwise work are left out. Attention is counted causally, as the kernels compute it: query i
+    meets i+1 keys, 4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the
+    backward of x @ W gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash
+    attention's recomputation in its backward is not counted (model FLOPs, the MFU convention)."""
+    d, P, L, T, m = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult
+    patches = T // P
+    kv = args.num_kv_heads * (d // args.num_heads)
+    causal_pairs = lambda n: n * (n + 1) / 2
+    encoder_apps = args.num_layers * args.encoder_repeats
+    head_hidden = 2 * (d * m * d + m * d * L)  # LatentHead: d -> m*d -> L
+    f = dict(
+        patch_embedding=2 * P * d * d * patches,
+        encoder_blocks=encoder_apps * patches * 2 * (2 * d * d + 2 * d * kv + 2 * m * d * d),
+        encoder_attention=encoder_apps * 4 * d * causal_pairs(patches),
+        jepa_heads=patches * head_hidden,
+        decoder_blocks=2 * L * d * patches + args.decoder_layers * T * 2 * (4 * d * d + 2 * m * d * d),
+        decoder_attention=args.decoder_layers * 4 * d * causal_pairs(T),
+        output_head=2 * d * args.vocab_size * (T - 1 if training else T),  # training scores positions 1..
+    )
+    if training:
+        f = {k: 3 * v for k, v in f.items()}
+        f["jepa_heads"] += 3 * patches * head_hidden + 2 * 2 * patches * L * args.sigreg_slices  # projector, SIGReg
+    return f
+
+
+def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
+    """flops_per_window per target byte (a window of TRAIN_SEQ_LEN+1 bytes scores TRAIN_SEQ_LEN of them)."""
+    return {k: v / args.train_seq_len for k, v in flops_per_window(args, training).items()}
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups
 # -----------------------------------------------------------------------------------------------------------------
 
 
+def check_device(args: Hyperparameters) -> None:
+    """CUDA unless asked otherwise: without this, a driver mismatch would silently train on 8 CPU processes."""
+    if args.device == "cpu" or torch.cuda.is_available() or (args.device == "auto" and args.smoke):
+        return
+    why = f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+    if args.device == "cuda":
+        raise ConfigError(f"DEVICE=cuda: {why}; check the driver and that the installed torch is a CUDA build")
+    raise ConfigError(f"DEVICE=auto: {why}; set DEVICE=cpu to train on the CPU on purpose, or SMOKE=1 for the "
+                      f"small embedded run")
+
+
 class Runtime:
-    """Where this process runs: CUDA with NCCL and bf16 autocast, or CPU with gloo in float32."""
+    """Where this process runs: CUDA with NCCL and bf16 autocast, or CPU with gloo in float32. TF32 stays off:
+    the only float32 matmuls left under autocast (SIGReg, GPTQ Hessians) are meant to be exact."""
 
     def __init__(self, args: Hyperparameters):
         self.rank, self.world = int(os.environ.get("RANK", 0)), args.world_size
         self.master = self.rank == 0
-        self.cuda = torch.cuda.is_available()
+        self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.host_group = None  # host-side collectives (the training clock) that must not wait on the GPU stream
         if self.world > 1:
             dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None)
+            self.host_group = dist.new_group(backend="gloo") if self.cuda else None  # None: the (gloo) world
         self.compile = args.use_compile and self.cuda
 
     def autocast(self):
@@ -633,6 +696,7 @@ class Runtime:
             torch.cuda.synchronize()
 
     def close(self):
+        self.host_group = None  # a process group outliving destroy_process_group aborts the interpreter's exit
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -716,10 +780,10 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
     """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the
-    warmdown lasts WARMDOWN_ITERS steps at the step time measured so far)."""
-    cap_ms = 1000.0 * args.training_cap_seconds()
+    warmdown lasts WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to the knobs' cap."""
+    cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
         start = args.iterations - args.warmdown_iters
         return max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
@@ -770,6 +834,99 @@ def set_late_qat(model: nn.Module, on: bool) -> None:
             m.qat = on and stored_as_int6(f"{name}.weight", m.weight)
 
 
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("B200", 2250.0))  # dense bf16 per card, by name; the first match wins
+
+
+def bf16_peak_flops(rt: Runtime) -> float | None:
+    """The card's dense bf16 peak (FLOP/s), or None for CPUs and cards not in the table (no MFU is printed)."""
+    if not rt.cuda:
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+class SharedClock:
+    """Training milliseconds by the slowest rank's clock, read without draining the GPU: after queueing step n
+    the host waits for the end of step n-1 only (step n keeps the GPU busy meanwhile), reads its clock and takes
+    the maximum over ranks on a host-side group. Every rank gets the same value after the same step, so the LR
+    schedule, late QAT and the stop step agree on all ranks. On CUDA the value trails the GPU by at most a step."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.pending = rt, None
+
+    def read(self, elapsed_ms: float) -> float:
+        if self.rt.cuda:
+            done = torch.cuda.Event()
+            done.record()
+            if self.pending is not None:
+                self.pending.synchronize()
+            self.pending = done
+        if self.rt.world == 1:
+            return elapsed_ms
+        clock = torch.tensor([elapsed_ms], dtype=torch.float64)
+        dist.all_reduce(clock, dist.ReduceOp.MAX, group=self.rt.host_group)
+        return clock.item()
+
+    def restart(self):
+        """After a pause (validation) that drained the GPU."""
+        self.pending = None
+
+
+def estimate_artifact_bytes(state: dict[str, Tensor]) -> int:
+    """What these weights would compress to (round-to-nearest int6 + LZMA): a guide, not the export."""
+    return len(serialize_artifact(quantize_state(state)))
+
+
+class SizeEstimate:
+    """Once, early in training, the size the current weights would compress to, for the person watching. The
+    weights are copied to pinned host memory on a side stream and compressed by a CPU thread; the training
+    stream only waits for the copy before its next optimizer step, so the GPU does no extra work."""
+
+    def __init__(self, model: nn.Module, rt: Runtime, log, code_bytes: int, cap: int):
+        self.model, self.rt, self.log, self.code_bytes, self.cap = model, rt, log, code_bytes, cap
+        self.copied, self.future, self.worker = None, None, None
+
+    def start(self, step: int):
+        if not self.rt.master or self.future is not None:
+            return
+        state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if self.rt.cuda:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                state = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                         for k, v in state.items()}
+                self.copied = torch.cuda.Event()
+                self.copied.record(stream)
+        else:
+            state = {k: v.clone() for k, v in state.items()}
+        self.worker = ThreadPoolExecutor(max_workers=1)
+        self.future = self.worker.submit(self.report, step, state, self.copied)
+
+    def report(self, step: int, state: dict[str, Tensor], copied):
+        if copied is not None:
+            copied.synchronize()
+        total = estimate_artifact_bytes(state) + self.code_bytes
+        verdict = "fits" if total <= self.cap else "over: the export will coarsen the quantisation to fit"
+        self.log(f"size_estimate: weights at step {step} would compress to {total - self.code_bytes} bytes, "
+                 f"{total} with the code, cap {self.cap} ({verdict}; round-to-nearest int6, estimate only)")
+
+    def before_update(self):
+        """The optimizer must not overwrite weights still being copied."""
+        if self.copied is not None:
+            torch.cuda.current_stream().wait_event(self.copied)
+            self.copied = None
+
+    def finish(self):
+        if self.worker is not None:
+            self.future.result()
+            self.worker.shutdown()
+
+
+SIZE_ESTIMATE_STEP = 100  # early, but past the first updates' largest moves (tiny runs: a tenth of ITERATIONS)
+
+
 class Trainer:
     """Owns the model's optimizers, data and schedule; `run` trains until ITERATIONS or the wallclock cap."""
 
@@ -779,6 +936,8 @@ class Trainer:
         self.optimizers = build_optimizers(model, args, rt)
         self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
+        self.size_estimate = SizeEstimate(model, rt, log, len(Path(__file__).read_bytes()), args.size_cap_bytes)
+        self.calibration_reserve = 0.0
 
     def step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
@@ -793,6 +952,7 @@ class Trainer:
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
         all_reduce_grads(self.params, self.rt)
+        self.size_estimate.before_update()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -803,51 +963,90 @@ class Trainer:
         return ce_total / accum
 
     def prime(self):
-        """Runs WARMUP_STEPS real steps (compilation, allocator, kernels; the last half with late QAT on so its
-        recompilation is done too), then restores weights, optimizer state and data order."""
-        if self.args.warmup_steps == 0:
+        """Before the clock: WARMUP_STEPS real steps (compilation, allocator, kernels; the last half with late QAT
+        on so its recompilation is done too), the evaluation and TTT graphs, and the GPTQ reserve's measurement;
+        then weights, optimizer state and data order are restored."""
+        args = self.args
+        measure = args.quant == "gptq" and args.gptq_reserve_seconds is None and args.max_wallclock_seconds > 0
+        if not (args.warmup_steps or self.rt.compile or measure):
             return
         weights = copy.deepcopy(self.model.state_dict())
         states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for i in range(self.args.warmup_steps):
-            set_late_qat(self.model, self.args.late_qat_threshold > 0 and 2 * i >= self.args.warmup_steps)
+        for i in range(args.warmup_steps):
+            set_late_qat(self.model, args.late_qat_threshold > 0 and 2 * i >= args.warmup_steps)
             self.step(i, 1.0)
         set_late_qat(self.model, False)
+        if self.rt.compile:
+            prime_evaluation_graphs(self.model, self.loader, args, self.rt)
+        if measure:
+            self.calibration_reserve = self.measure_calibration_reserve()
         self.model.load_state_dict(weights)
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
-        self.loader = DistributedTokenLoader(self.args, self.rt.rank, self.rt.device)
-        self.log(f"warmup_priming: {self.args.warmup_steps} steps done, weights and optimizer state restored")
+        self.loader = DistributedTokenLoader(args, self.rt.rank, self.rt.device)
+        if args.warmup_steps:
+            self.log(f"warmup_priming: {args.warmup_steps} steps done, weights and optimizer state restored")
+
+    def measure_calibration_reserve(self) -> float:
+        """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
+        collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
+        self.rt.sync()
+        t = time.perf_counter()
+        collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
+        self.rt.sync()
+        batch_s = torch.tensor(time.perf_counter() - t, device=self.rt.device)
+        batch_s = self.rt.all_reduce(batch_s, dist.ReduceOp.MAX).item()  # one reserve for every rank
+        reserve = 1.5 * self.args.gptq_calib_batches * batch_s + 1.0
+        self.log(f"gptq_reserve: auto {reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
+                 f"{self.args.gptq_calib_batches} batches x 1.5 + 1s)")
+        self.model.train()
+        return reserve
 
     def validate(self, step: int, train_ms: float):
         totals = evaluate_standard(self.model, self.val_tokens, self.args, self.rt)
         self.log(f"step:{step}/{self.args.iterations} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f} "
                  f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
+    def throughput(self, step: int, elapsed_ms: float) -> str:
+        """Training bytes per second, and MFU against the card's bf16 peak where the card is known."""
+        bytes_per_s = step * self.args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
+        text = f" bytes_per_s:{bytes_per_s:.0f}"
+        peak = bf16_peak_flops(self.rt)
+        if peak:
+            flops = sum(flops_per_byte(self.args, training=True).values())
+            text += f" mfu:{100.0 * flops * bytes_per_s / (peak * self.rt.world):.1f}%"
+        return text
+
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
         self.model.train()
         self.prime()
         averager = WeightAverager(self.model, args)
-        cap_ms = 1000.0 * args.training_cap_seconds()
+        cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
+        clock = SharedClock(rt)
         train_ms, step, stop_after, qat_on = 0.0, 0, None, False
         shared_ms = 0.0  # training time by the slowest rank's clock: one schedule for all ranks
         rt.sync()
         t0 = time.perf_counter()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
-            if last or (args.val_loss_every and step % args.val_loss_every == 0):
+            # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
+            if (last and not args.prequant_eval) or (args.val_loss_every and step % args.val_loss_every == 0
+                                                     and not last):
                 rt.sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
                 self.validate(step, train_ms)
                 self.model.train()
                 rt.sync()
+                clock.restart()
                 t0 = time.perf_counter()
             if last:
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
                 break
-            scale = lr_scale(step, shared_ms, args)
+            scale = lr_scale(step, shared_ms, args, cap_ms)
             if not qat_on and scale < args.late_qat_threshold:
                 set_late_qat(self.model, True)
                 qat_on = True
@@ -855,18 +1054,20 @@ class Trainer:
             ce = self.step(step, scale)
             step += 1
             averager.update(step, scale)
+            if step == min(SIZE_ESTIMATE_STEP, max(args.iterations // 10, 1)):
+                self.size_estimate.start(step)
             if step % args.train_log_every == 0 or step <= 10:
                 ce = rt.all_reduce(ce) / rt.world
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                    f"step_avg:{elapsed_ms / step:.2f}ms")
+                    f"step_avg:{elapsed_ms / step:.2f}ms{self.throughput(step, elapsed_ms)}")
             if cap_ms > 0:
-                clock = torch.tensor(train_ms + 1000.0 * (time.perf_counter() - t0), dtype=torch.float64,
-                                     device=rt.device)
-                shared_ms = rt.all_reduce(clock, dist.ReduceOp.MAX).item()
-                if stop_after is None and shared_ms >= cap_ms:  # every rank stops on the same step
+                shared_ms = clock.read(train_ms + 1000.0 * (time.perf_counter() - t0))
+                # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
+                if stop_after is None and shared_ms + shared_ms / step >= cap_ms:
                     stop_after = step
         set_late_qat(self.model, False)
+        self.size_estimate.finish()
         log(averager.apply())
         return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 1))
 
@@ -947,12 +1148,15 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int = 128, damp: float = 0.
 
 
 @torch.no_grad()
-def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters,
-                     rt: Runtime) -> dict[str, Tensor]:
-    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES training micro-batches per rank
-    (training data only, as the rules require), averaged over all rows and ranks."""
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
+def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
+                     batches: int | None = None) -> dict[str, Tensor]:
+    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES (or `batches`) training
+    micro-batches per rank (training data only, as the rules require), averaged over all rows and ranks. The
+    q, k and v projections read the same input: one Hessian serves the three."""
+    int6 = {name: m for name, m in model.named_modules()
+            if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
+    shared = {name: name[:-1] + "q" for name in int6 if name.endswith((".k", ".v")) and name[:-1] + "q" in int6}
+    layers = {name: m for name, m in int6.items() if name not in shared}
     sums = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in layers.items()}
     rows = torch.zeros(len(layers), device=rt.device)
 
@@ -966,14 +1170,15 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
     handles = [m.register_forward_hook(hook(i, name)) for i, (name, m) in enumerate(layers.items())]
     model.eval()
     try:
-        for _ in range(args.gptq_calib_batches):
+        for _ in range(batches or args.gptq_calib_batches):
             with rt.autocast():
                 model.forward_logits(loader.next_batch())
     finally:
         for handle in handles:
             handle.remove()
     rt.all_reduce(rows)
-    return {f"{name}.weight": rt.all_reduce(sums[name]) / rows[i] for i, name in enumerate(layers)}
+    hessians = {name: rt.all_reduce(sums[name]) / rows[i] for i, name in enumerate(layers)}
+    return {f"{name}.weight": hessians[shared.get(name, name)] for name in int6}
 
 
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
@@ -1153,10 +1358,41 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
-    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks."""
+    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks.
+    Only those require gradients: frozen and training-only weights neither need nor collect them."""
     frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
     frozen |= {id(p) for p in model.projector.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
     return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime):
+    """Compiles the scoring graph and TTT's forward+backward at their evaluation shapes, before any clock runs.
+    Compiled graphs are cached per code object, so the artifact's fresh model reuses them rather than compiling
+    inside the evaluation budget. The caller restores the weights."""
+    ids = loader.next_batch()  # training windows of the evaluation's width; their content does not matter
+    rows = eval_batch_seqs(args, rt)
+    ids = ids.repeat(-(-rows // ids.size(0)), 1)
+    score = logits_function(model, rt)
+    model.eval()
+    with torch.inference_mode(), rt.autocast():
+        score(ids[:rows])
+    if args.ttt_enabled and args.ttt_epochs > 0:
+        params = ttt_parameters(model, args)
+        windows = (args.ttt_chunk_tokens - args.window) // (args.window - 1) + 1
+        mine = len(rank_share(list(range(min(args.ttt_batch_seqs, windows))), rt))
+        with torch.inference_mode(), rt.autocast():
+            score(ids[:rows])
+        model.train()
+        if mine:
+            with rt.autocast():
+                torch.compile(model, dynamic=False)(ids[:mine])[0].backward()
+        for p in params:
+            p.grad = None
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
 
 
 def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params: list[Tensor], chunk: np.ndarray,
@@ -1195,9 +1431,6 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
         by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
     logits_fn = logits_function(model, rt)
     params = ttt_parameters(model, args)
-    chosen = {id(p) for p in params}
-    for p in model.parameters():  # frozen and training-only weights neither need nor collect gradients
-        p.requires_grad_(id(p) in chosen)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
     loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
     adapting = adapt and args.ttt_epochs > 0
@@ -1205,12 +1438,13 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
+        rt.sync()
         t = time.perf_counter()
         chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window,
                                    eval_batch_seqs(args, rt), rt)
         per_chunk.append(chunk_totals)
         totals = totals + chunk_totals
-        score_times.append(time.perf_counter() - t)
+        score_times.append(time.perf_counter() - t)  # Totals are on the host: the scoring has finished
         if adapting and c < num_chunks - 1:
             # rates leave out the first scoring and the first adaptation, which include compilation
             score_rate = sum(score_times[1:]) / max(len(score_times) - 1, 1)
@@ -1228,6 +1462,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
+                rt.sync()
                 adapt_times.append(time.perf_counter() - t)
         if (c + 1) % args.ttt_log_every == 0 or c == num_chunks - 1:
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
@@ -1281,6 +1516,8 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"python {sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} "
         f"world_size:{rt.world} grad_accum_steps:{args.grad_accum_steps} compile:{rt.compile}")
     log(f"hardware: {describe_hardware(rt)}")
+    if rt.cuda:
+        log(f"gpus_visible:{torch.cuda.device_count()} nccl:{'.'.join(map(str, torch.cuda.nccl.version()))}")
     if rt.cuda and rt.master:
         try:
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
@@ -1288,6 +1525,16 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
             log("nvidia-smi: not available", console=False)
     if args.smoke:
         log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
+
+
+def log_flops(args: Hyperparameters, log) -> None:
+    """FLOPs per target byte by component, then both totals on one line for tools."""
+    totals = {}
+    for kind, training in (("train", True), ("eval", False)):
+        parts = flops_per_byte(args, training)
+        totals[kind] = sum(parts.values())
+        log(f"flops_{kind}_components: " + " ".join(f"{k}:{v:.0f}" for k, v in parts.items()))
+    log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
 
 
 def log_peak_memory(rt: Runtime, log) -> None:
@@ -1358,6 +1605,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     model = build_model(args).to(rt.device)
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))
     log(f"model_params:{sum(p.numel() for p in model.parameters())} (stored: {stored})")
+    log_flops(args, log)
     trainer = Trainer(args, rt, model, val_tokens, log)
     facts.update(trainer.run())
     hessians = None
@@ -1367,8 +1615,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
         hessians = collect_hessians(model, trainer.loader, args, rt)
         rt.sync()
         calib_s = time.perf_counter() - t
-        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s "
-            f"(reserved {args.gptq_reserve_seconds:.0f}s)")
+        reserve = trainer.calibration_reserve if args.gptq_reserve_seconds is None else args.gptq_reserve_seconds
+        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s (reserved {reserve:.2f}s)")
         used = facts["wallclock_seconds"] + calib_s
         if 0 < args.max_wallclock_seconds < used:  # the rules count calibration as training time
             log(f"warning: training + GPTQ calibration took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
@@ -1400,6 +1648,7 @@ def main() -> int:
     master = os.environ.get("RANK", "0") == "0"
     try:
         args = Hyperparameters()
+        check_device(args)
         check_inputs(args)
     except ConfigError as e:
         if master:

@@ -17,6 +17,7 @@ import train_gpt  # noqa: E402
 SCRIPT = ROOT / "train_gpt.py"
 # Tiny models gain nothing from threads, and idle OpenMP threads spinning beside other processes cost a lot.
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["DEVICE"] = "cpu"  # the script refuses to fall back to the CPU by itself; runs and Hyperparameters inherit
 torch.set_num_threads(1)
 
 # A model of a few thousand parameters over windows of 64 bytes (16 patches of 4): every code path, in seconds.

@@ -126,3 +126,67 @@ def test_fake_quantize_int6_rounds_rows_to_63_levels():
     torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
     assert levels.abs().max().item() <= 31 + 1e-4
     assert ((fq - w).abs() <= scale / 2 + 1e-6).all()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# FLOP accounting against torch.utils.flop_counter
+# -----------------------------------------------------------------------------------------------------------------
+
+ATTENTION_OPS = ("bmm",)  # the math SDPA backend computes QK^T and AV as batched matmuls; linear layers use mm
+
+
+def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]:
+    """(linear-layer FLOPs, attention FLOPs) per target byte, as flop_counter counts one forward (and backward)
+    on the meta device with the math attention backend, which computes attention densely (every query against
+    every key; the causal mask is applied to the full score matrix)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = train_gpt.ByteJEPA(args)
+        ids = torch.zeros(windows, args.window, dtype=torch.long)
+        directions = torch.ones(args.latent_dim, args.sigreg_slices)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        if training:
+            ce, mse, reg = model(ids, directions)
+            (ce + mse + reg).backward()
+        else:
+            model.forward_logits(ids)
+    by_op = {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in by_op.items() if op in ATTENTION_OPS)
+    per_byte = windows * args.train_seq_len
+    return (counter.get_total_flops() - attention) / per_byte, attention / per_byte
+
+
+@pytest.mark.parametrize("size", ["tiny", "default"])
+@pytest.mark.parametrize("training", [True, False])
+def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
+    if size == "default":
+        for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
+            monkeypatch.delenv(key, raising=False)
+        args = train_gpt.Hyperparameters()
+    else:
+        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2)  # grouped-query attention in the encoder
+    analytic = train_gpt.flops_per_byte(args, training)
+    attention = analytic["encoder_attention"] + analytic["decoder_attention"]
+    linear, counted_attention = counted_flops(args, training)
+    assert linear == pytest.approx(sum(analytic.values()) - attention, rel=0.01)
+    # the counter's dense attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries
+    patches, T = args.window // args.patch_size, args.window
+    dense = (analytic["encoder_attention"] * 2 * patches / (patches + 1) +
+             analytic["decoder_attention"] * 2 * T / (T + 1))
+    assert counted_attention == pytest.approx(dense, rel=0.01)
+
+
+def test_default_flops_per_byte_by_hand(monkeypatch):
+    """The reference model, counted by hand per target byte (d=480, 2048-byte window, 256 patches): decoder
+    matmuls 7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8; decoder attention 7 x 4 d x (2048 x 2049 / 2) / 2047."""
+    for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
+        monkeypatch.delenv(key, raising=False)
+    f = train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=False)
+    d = 480
+    assert f["decoder_blocks"] == pytest.approx((7 * 16 * d * d * 2048 + 2 * 192 * d * 256) / 2047)
+    assert f["decoder_attention"] == pytest.approx(7 * 4 * d * 2048 * 2049 / 2 / 2047)
+    train = sum(train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=True).values())
+    assert round(train / 1e6, 1) == 135.0
