@@ -11,6 +11,7 @@ Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py        (knobs: envir
 """
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import json
@@ -1079,6 +1080,7 @@ class Trainer:
 SMALL_TENSOR_MAX = 65_536  # tensors this small stay fp16: int6 would save little and cost accuracy
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates, chosen per tensor
 QMAX = 31  # int6 values live in [-31, 31]
+NARROWER = {16: 8, 8: 6, 6: 5, 5: 4}  # rate control's ladder for a matrix: fp16 -> int8 -> int6 -> int5 -> int4
 ARTIFACT_NAME = "final_model.int6.ptz"
 
 
@@ -1091,39 +1093,44 @@ def stored_as_int6(name: str, t: Tensor) -> bool:
             and not any(c in name for c in CONTROL_TENSOR_NAMES))
 
 
-def row_scales(w: Tensor, quantile: float) -> Tensor:
-    """Per-row fp16 scales that map the row's `quantile` of |w| to QMAX (all-zero rows get scale 1)."""
+def qmax_of(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(w: Tensor, quantile: float, qmax: int = QMAX) -> Tensor:
+    """Per-row fp16 scales that map the row's `quantile` of |w| to qmax (all-zero rows get scale 1)."""
     clip = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1.0 else w.abs().amax(dim=1)
-    return torch.where(clip > 0, clip / QMAX, torch.ones_like(clip)).half()
+    return torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).half()
 
 
-def quantize_with_scales(w: Tensor, scales: Tensor) -> Tensor:
-    return torch.clamp(torch.round(w / scales.float()[:, None]), -QMAX, QMAX).to(torch.int8)
+def quantize_with_scales(w: Tensor, scales: Tensor, qmax: int = QMAX) -> Tensor:
+    return torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
 
 
 def dequantize(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def quantize_rtn(w: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
     """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
     best = None
     for quantile in CLIP_QUANTILES:
-        scales = row_scales(w, quantile)
-        q = quantize_with_scales(w, scales)
+        scales = row_scales(w, quantile, qmax)
+        q = quantize_with_scales(w, scales, qmax)
         err = (dequantize(q, scales) - w).square().sum().item()
         if best is None or err < best[0]:
             best = (err, q, scales)
     return best[1], best[2]
 
 
-def quantize_gptq(w: Tensor, hessian: Tensor, block: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128,
+                  damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """GPTQ: quantise columns one at a time (largest Hessian diagonal first) and push each column's rounding
     error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs, so the
     layer's outputs on calibration data move as little as possible. Scales are the RTN choice."""
     w = w.float().clone()
-    _, scales = quantize_rtn(w)
+    _, scales = quantize_rtn(w, qmax)
     s = scales.float()[:, None]
     h = hessian.float().clone()
     dead = torch.diag(h) == 0  # inputs never active: their weights do not matter
@@ -1138,7 +1145,7 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int = 128, damp: float = 0.
         i2 = min(i1 + block, w.size(1))
         wb, errs, hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -QMAX, QMAX)
+            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
             q[:, i1 + j:i1 + j + 1] = qj
             err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
             wb[:, j:] -= err * hb[j:j + 1, j:]
@@ -1181,19 +1188,25 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
     return {f"{name}.weight": hessians[shared.get(name, name)] for name in int6}
 
 
+def quantize_matrix(w: Tensor, hessian: Tensor | None, bits: int = 6) -> dict:
+    """One stored matrix: {"q": int8 values in [-qmax, qmax], "scale": fp16 per row}, by GPTQ where a Hessian
+    is given, else round-to-nearest. The work runs where w is; the result is on the CPU."""
+    qmax = qmax_of(bits)
+    w = w.detach().float()
+    q, scales = quantize_gptq(w, hessian.to(w.device), qmax) if hessian is not None else quantize_rtn(w, qmax)
+    return {"q": q.cpu(), "scale": scales.cpu()}
+
+
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
     """The artifact's content: int6 + per-row fp16 scales for large matrices and embeddings (GPTQ where a
-    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out. The work runs
-    where the weights are (GPTQ's column loop belongs on the GPU); the result is on the CPU."""
+    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out."""
     out = {}
     for name, t in state.items():
         t = t.detach().float()
         if name.startswith(TRAINING_ONLY_PREFIXES):
             continue
         if stored_as_int6(name, t):
-            h = hessians.get(name) if hessians else None
-            q, scales = quantize_gptq(t, h.to(t.device)) if h is not None else quantize_rtn(t)
-            out[name] = {"q": q.cpu(), "scale": scales.cpu()}
+            out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
         elif any(c in name for c in CONTROL_TENSOR_NAMES):
             out[name] = t.cpu()
         else:
@@ -1209,6 +1222,87 @@ def serialize_artifact(qstate: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(qstate, buf)
     return lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, preset=9)
+
+
+def store_matrix(w: Tensor, hessian: Tensor | None, bits: int) -> dict | Tensor:
+    """A matrix at a width of the ladder: fp16 as it is, else quantised (int8, int6, int5, int4)."""
+    return w.detach().half().cpu() if bits == 16 else quantize_matrix(w, hessian, bits)
+
+
+def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
+    """Relative reconstruction error of a stored matrix: ||E||^2 / ||W||^2, Hessian-weighted (tr(E H E^T) /
+    tr(W H W^T), the change of the layer's outputs on calibration data) where the layer has a Hessian."""
+    w = w.detach().float()
+    stored = dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()
+    e = w - stored.to(w.device)
+    if hessian is None:
+        return (e.square().sum() / w.square().sum().clamp_min(1e-30)).item()
+    h = hessian.float().to(w.device)
+    return (((e @ h) * e).sum() / ((w @ h) * w).sum().clamp_min(1e-30)).item()
+
+
+def entropy_bytes(entry: dict | Tensor) -> float:
+    """Zeroth-order entropy of a stored matrix's bytes: what an ideal coder would need, a guide to LZMA's."""
+    raw = (entry["q"] if isinstance(entry, dict) else entry).contiguous().view(torch.int8)
+    counts = torch.bincount(raw.flatten().long() + 128, minlength=256).double()
+    p = counts[counts > 0] / raw.numel()
+    return -(p * p.log2()).sum().item() * raw.numel() / 8
+
+
+def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
+                   log=print) -> bytes:
+    """The whole export: quantised (int6; GPTQ where Hessians are given), compressed, and rate-controlled so that
+    it fits SIZE_CAP_BYTES together with this script. While it does not, the matrices whose next width down the
+    ladder (fp16 -> int8 -> int6 -> int5 -> int4) adds the least relative error per byte saved are stepped down,
+    as many per step as the entropy estimate says the overshoot needs; every step is compressed, measured and
+    logged. Control tensors and vectors stay as they are. Raises SizeCapExceeded when even int4 everywhere does
+    not fit."""
+    code_bytes = len(Path(__file__).read_bytes())
+    budget = args.size_cap_bytes - code_bytes
+    state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    hessians = hessians or {}
+    qstate = quantize_state(state, hessians)
+    bits = {name: 6 if isinstance(v, dict) else 16 for name, v in qstate.items()
+            if isinstance(v, dict) or (v.ndim == 2 and v.dtype == torch.float16)}
+    errors = {name: quantization_error(state[name], qstate[name], hessians.get(name)) for name in bits}
+    blob, rung = serialize_artifact(qstate), 0
+    trials = {}  # name -> (entry one width down, its error)
+
+    def report(what: str):
+        total = len(blob) + code_bytes
+        log(f"rate_control: step {rung}: {what}; artifact {len(blob)} bytes, total {total} (cap "
+            f"{args.size_cap_bytes}, {'fits' if total <= args.size_cap_bytes else 'over'}); mean relative error "
+            f"{sum(errors.values()) / max(len(errors), 1):.3e}, worst {max(errors.values(), default=0.0):.3e}")
+
+    def widths() -> str:
+        return ", ".join(f"{'fp' if b == 16 else 'int'}{b}: {n}" for b, n in
+                         sorted(collections.Counter(bits.values()).items(), reverse=True))
+
+    report(f"as quantised ({widths()} matrices)")
+    while len(blob) > budget:
+        names = [name for name, b in bits.items() if b in NARROWER]
+        if not names:
+            log(f"!!! SIZE CAP EXCEEDED: even int4 for every matrix leaves {len(blob) + code_bytes} bytes, over the "
+                f"{args.size_cap_bytes}-byte cap (SIZE_CAP_BYTES); nothing smaller can be stored !!!")
+            raise SizeCapExceeded(len(blob) + code_bytes)
+        for name in names:
+            if name not in trials:
+                entry = store_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
+                trials[name] = entry, quantization_error(state[name], entry, hessians.get(name))
+        saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
+        cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
+        chosen, need, gained = [], len(blob) - budget, 0.0
+        for name in sorted(names, key=cost.get):
+            chosen.append(name)
+            gained += saved[name]
+            if gained >= 1.1 * need:  # LZMA gets near the entropy, not below it: a tenth more than the overshoot
+                break
+        for name in chosen:
+            qstate[name], errors[name] = trials.pop(name)
+            bits[name] = NARROWER[bits[name]]
+        blob, rung = serialize_artifact(qstate), rung + 1
+        report(f"{len(chosen)} matrices one width down ({widths()} matrices)")
+    return blob
 
 
 def read_artifact(path: str | Path) -> dict:
@@ -1241,15 +1335,20 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
     return total
 
 
-def export_artifact(model: ByteJEPA, hessians: dict | None, rt: Runtime) -> Path:
-    """Quantises, compresses and writes the artifact (rank 0); every rank returns its path."""
+def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameters, rt: Runtime, log) -> Path:
+    """Builds and writes the artifact (rank 0); every rank returns its path, or raises SizeCapExceeded."""
     path = Path(ARTIFACT_NAME)
+    fits = torch.ones((), device=rt.device)
     if rt.master:
-        blob = serialize_artifact(quantize_state(model.state_dict(), hessians))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-    rt.barrier()
+        try:
+            blob = build_artifact(model.state_dict(), args, hessians, log)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        except SizeCapExceeded:
+            fits.zero_()
+    if rt.all_reduce(fits, dist.ReduceOp.MIN).item() == 0:  # every rank stops, not only the one that knows
+        raise SizeCapExceeded(args.size_cap_bytes)
     return path
 
 
@@ -1622,7 +1721,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
             log(f"warning: training + GPTQ calibration took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
                 f"{args.max_wallclock_seconds:.0f}; raise GPTQ_RESERVE_SECONDS")
     t = time.perf_counter()
-    path = export_artifact(model, hessians, rt)
+    path = export_artifact(model, hessians, args, rt, log)
     log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")
     return path, model
 
