@@ -283,6 +283,8 @@ def check_inputs(args: Hyperparameters) -> None:
     """Every file the run will need, checked before any process group or model exists."""
     if args.eval_only and not Path(args.eval_only).is_file():
         raise ConfigError(f"EVAL_ONLY={args.eval_only}: artifact file not found")
+    if args.eval_only:
+        read_artifact(args.eval_only)  # a damaged or foreign file stops the run here, with one line
     if args.smoke and Path(args.data_path) == Path(EMBEDDED_SAMPLE_DIR):
         build_embedded_sample(Path(args.data_path))
     if args.vocab_size != PURE_BYTE_TOKENIZER["vocab_size"]:
@@ -1007,7 +1009,44 @@ def serialize_artifact(qstate: dict) -> bytes:
 
 
 def read_artifact(path: str | Path) -> dict:
-    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    """The artifact's quantised dict, checked against the format (see README); a damaged or foreign file is a
+    ConfigError that says what is wrong, never a decoder's traceback."""
+    where = f"EVAL_ONLY={path}"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the artifact ({e.strerror or e})") from None
+    if not data:
+        raise ConfigError(f"{where}: the artifact file is empty")
+    try:
+        raw = lzma.decompress(data)
+    except (lzma.LZMAError, EOFError) as e:
+        raise ConfigError(f"{where}: not an xz/lzma artifact, or truncated ({e})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a non-torch payload
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise ConfigError(f"{where}: the decompressed file is not a torch.save payload "
+                          f"({type(e).__name__}: {detail})") from None
+    if not isinstance(state, dict) or not state:
+        raise ConfigError(f"{where}: expected a non-empty dict of tensors (an int6 artifact), found "
+                          f"{type(state).__name__}")
+    for name, v in state.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: expected tensor names as keys, found {name!r}")
+        if isinstance(v, dict):
+            q, scale = v.get("q"), v.get("scale")
+            if (set(v) != {"q", "scale"} or not isinstance(q, Tensor) or not isinstance(scale, Tensor)
+                    or q.dtype != torch.int8 or q.ndim != 2 or scale.shape != (q.size(0),)):
+                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (expected q: int8 (rows, cols) and "
+                                  f"scale: (rows,))")
+        elif not isinstance(v, Tensor) or not v.is_floating_point():
+            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or an int6 "
+                              f"matrix")
+        elif stored_as_int6(name, v) or name.startswith(TRAINING_ONLY_PREFIXES):
+            raise ConfigError(f"{where}: entry {name} is stored as a plain {tuple(v.shape)} tensor, which an "
+                              f"artifact never holds; this looks like a state dict, not an int6 artifact")
+    return state
 
 
 def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:

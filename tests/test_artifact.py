@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import SCRIPT, TINY, run_script, tiny_env
+from conftest import SCRIPT, TINY, randomize, run_script, tiny_env
 
 # MODEL_DIM=192 makes the MLPs (384x192), the predictor's first layer and the patch projection (192x768) larger
 # than SMALL_TENSOR_MAX, so a small model has int6 tensors, fp16 tensors, fp32 control tensors and a large
@@ -22,13 +22,6 @@ WIDE_INT6 = {"patch_proj.weight", "predictor.fc.weight", "blocks.0.mlp.fc.weight
              "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight", "dec_blocks.0.mlp.fc.weight",
              "dec_blocks.0.mlp.proj.weight"}
 CPU = torch.device("cpu")
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised projections and head included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def row_error_bound(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -206,7 +199,7 @@ def test_gptq_on_the_models_calibration_batches_beats_rtn(tiny_args):
     Hessian moves the layer's outputs on those batches no more than round-to-nearest does."""
     args = tiny_args(GPTQ_CALIB_BATCHES=3, **WIDE)
     rt = train_gpt.Runtime(args)
-    model = randomize(train_gpt.build_model(args))
+    model = randomize(train_gpt.build_model(args), std=0.05)
     seen = {name: [] for name in WIDE_INT6}
     modules = dict(model.named_modules())
     handles = [modules[name.removesuffix(".weight")].register_forward_hook(
@@ -241,7 +234,7 @@ def test_gptq_on_the_models_calibration_batches_beats_rtn(tiny_args):
 @pytest.fixture
 def wide_model(tiny_args):
     args = tiny_args(**WIDE)
-    return args, randomize(train_gpt.build_model(args), seed=4)
+    return args, randomize(train_gpt.build_model(args), seed=4, std=0.05)
 
 
 def test_quantize_state_layout(wide_model):
@@ -311,6 +304,50 @@ def test_load_artifact_with_other_model_shape_is_a_config_error(tiny_args, tmp_p
         train_gpt.load_artifact(path, tiny_args(NUM_LAYERS=3))
     with pytest.raises(train_gpt.ConfigError):  # other widths
         train_gpt.load_artifact(path, tiny_args(MODEL_DIM=64))
+
+
+def xz(payload) -> bytes:
+    """An .xz file holding `payload` as torch.save writes it (bytes are compressed as they are)."""
+    if not isinstance(payload, bytes):
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        payload = buf.getvalue()
+    return lzma.compress(payload, format=lzma.FORMAT_XZ)
+
+
+# id, file content (a function of a real tiny artifact), text the one error line must hold
+BAD_ARTIFACTS = [
+    ("empty-file", lambda real: b"", "empty"),
+    ("one-byte-of-garbage", lambda real: b"x", "not an xz/lzma artifact"),
+    ("random-bytes", lambda real: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+     "not an xz/lzma artifact"),
+    ("truncated-artifact", lambda real: real[:len(real) // 2], "truncated"),
+    ("xz-of-text", lambda real: xz(b"hello, not a torch file"), "not a torch.save payload"),
+    ("xz-of-a-list", lambda real: xz([torch.zeros(3)]), "found list"),
+    ("xz-of-an-empty-dict", lambda real: xz({}), "non-empty dict"),
+    ("xz-of-a-state-dict", lambda real: xz(train_gpt.build_model(train_gpt.Hyperparameters()).state_dict()),
+     "state dict"),
+    ("xz-of-numbers", lambda real: xz({"head.weight": 3}), "head.weight"),
+    ("xz-of-a-bad-int6-entry", lambda real: xz({"patch_proj.weight": {"q": torch.zeros(4, 4), "scale": 1}}),
+     "patch_proj.weight"),
+]
+
+
+@pytest.mark.parametrize("name, content, reason", BAD_ARTIFACTS, ids=[c[0] for c in BAD_ARTIFACTS])
+def test_damaged_or_foreign_eval_only_file_is_one_error_line(name, content, reason, corpus, tmp_path, monkeypatch):
+    """EVAL_ONLY with a file that is not one of our artifacts: exit 2, one `error: EVAL_ONLY=...` line saying
+    what is wrong, no traceback, nothing run."""
+    for k, v in tiny_env(corpus).items():
+        monkeypatch.setenv(k, v)
+    path = tmp_path / "bad.ptz"
+    path.write_bytes(content(train_gpt.serialize_artifact(train_gpt.quantize_state(
+        train_gpt.build_model(train_gpt.Hyperparameters()).state_dict()))))
+    run = run_script(tmp_path / "run", tiny_env(corpus, EVAL_ONLY=path), run_id="bad", timeout=120)
+    assert run.proc.returncode == 2, (run.proc.returncode, run.proc.stderr[-2000:])
+    lines = run.proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: EVAL_ONLY={path}: "), run.proc.stderr
+    assert reason in lines[0], lines[0]
+    assert "Traceback" not in run.proc.stderr + run.proc.stdout and not (run.cwd / "logs").exists()
 
 
 def test_default_model_artifact_fits_under_the_cap(monkeypatch):
@@ -447,7 +484,7 @@ def test_late_qat_covers_exactly_the_int6_layers_and_training_forwards(wide_mode
         model.train()
         train_plain = model.forward_logits(ids)
         # with QAT, a training forward is the plain forward of a model whose int6 layers hold fake-quantised weights
-        reference = randomize(train_gpt.build_model(args), seed=4)
+        reference = randomize(train_gpt.build_model(args), seed=4, std=0.05)
         for name, m in dict(reference.named_modules()).items():
             if f"{name}.weight" in WIDE_INT6:
                 m.weight.copy_(train_gpt.fake_quantize_int6(m.weight))

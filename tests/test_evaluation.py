@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import run_script, tiny_env
-from test_model import randomize
+from conftest import randomize, run_script, tiny_env
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:

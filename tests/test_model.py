@@ -3,16 +3,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised projections and head included), so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+from conftest import TINY, randomize
 
 
 def test_default_parameter_count_matches_reference(monkeypatch):
