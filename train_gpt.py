@@ -1099,6 +1099,10 @@ def account_sizes(path: Path, log, cap: int = SIZE_CAP_BYTES) -> dict:
 # -----------------------------------------------------------------------------------------------------------------
 
 
+class TargetCountMismatch(RuntimeError):
+    """An evaluation scored other targets than the split holds: its score must never be reported."""
+
+
 class Totals:
     """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero)."""
 
@@ -1181,14 +1185,23 @@ def logits_function(model: ByteJEPA, rt: Runtime):
     return torch.compile(model.forward_logits, dynamic=False) if rt.compile else model.forward_logits
 
 
+def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
+    """Every target of the split scored exactly once in all, over all ranks, or the evaluation is void."""
+    if totals.targets != num_tokens - 1:
+        raise TargetCountMismatch(f"{name} evaluation scored {totals.targets} targets but the split has "
+                                  f"{num_tokens - 1}; its score is void and is not reported")
+
+
 def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
                       logits_fn=None) -> Totals:
     """Non-overlapping windows (consecutive windows share one byte, a target of the first and context of the
     next) over the whole split, the tail included, shared across ranks."""
     model.eval()
     spans = plan_windows(len(tokens), args.window, args.window - 1)
-    return score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                       eval_batch_seqs(args, rt), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
+                         eval_batch_seqs(args, rt), rt)
+    check_targets(totals, len(tokens), "standard")
+    return totals
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
@@ -1272,9 +1285,8 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
                 f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
                 f"adapt:{sum(adapt_times):.1f}s adapted_chunks:{len(adapt_times)}")
-    expected = len(tokens) - 1
-    verdict = "ok" if totals.targets == expected else "MISMATCH"
-    log(f"{name}_targets_scored:{totals.targets} expected:{expected} {verdict}")
+    check_targets(totals, len(tokens), name)
+    log(f"{name}_targets_scored:{totals.targets} expected:{len(tokens) - 1} ok")
     return totals, per_chunk
 
 
@@ -1341,6 +1353,8 @@ def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> 
     timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
     log(f"{label} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f}{timing}")
     log(f"{label}_exact val_loss:{totals.loss:.8f} val_bpb:{totals.bpb:.8f}")
+    nll, targets, nbytes = totals.values.tolist()
+    log(f"{label}_sums nll_nats:{nll:.6f} targets:{targets:.0f} bytes:{nbytes:.0f}")
 
 
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:
@@ -1448,6 +1462,7 @@ def main() -> int:
     log = Logger(args.run_id, rt.master)
     try:
         run(args, rt, log)
+        rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
     except ConfigError as e:  # found mid-run (a shard reached late, an artifact of another configuration)
         log(f"error: {e}", console=False)
         if rt.master:
@@ -1455,6 +1470,11 @@ def main() -> int:
         return 2
     except SizeCapExceeded:
         return 3
+    except TargetCountMismatch as e:  # a bug, not a user mistake: the score must not be reported
+        log(f"error: {e}", console=False)
+        if rt.master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
     finally:
         log.close()
         rt.close()
