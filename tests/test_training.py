@@ -96,7 +96,8 @@ def test_muon_steps_match_nesterov_momentum_then_newton_schulz(cpu_runtime, shap
         p.grad = grad.clone()
         opt.step()
         buf = m * buf + grad.double()
-        expected = expected - lr * max(1.0, shape[0] / shape[1]) ** 0.5 * reference_newton_schulz(grad.double() + m * buf)
+        update = reference_newton_schulz(grad.double() + m * buf) * max(1.0, shape[0] / shape[1]) ** 0.5
+        expected = expected - lr * update
         torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=2e-5)
 
 
