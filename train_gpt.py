@@ -303,6 +303,8 @@ def check_inputs(args: Hyperparameters) -> None:
     """Every file the run will need, checked before any process group or model exists."""
     if args.eval_only and not Path(args.eval_only).is_file():
         raise ConfigError(f"EVAL_ONLY={args.eval_only}: artifact file not found")
+    if args.eval_only:
+        read_artifact(args.eval_only)  # a damaged or foreign file stops the run here, with one line
     if args.smoke and Path(args.data_path) == Path(EMBEDDED_SAMPLE_DIR):
         build_embedded_sample(Path(args.data_path))
     if args.vocab_size != PURE_BYTE_TOKENIZER["vocab_size"]:
@@ -1306,7 +1308,44 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
 
 
 def read_artifact(path: str | Path) -> dict:
-    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    """The artifact's quantised dict, checked against the format (see README); a damaged or foreign file is a
+    ConfigError that says what is wrong, never a decoder's traceback."""
+    where = f"EVAL_ONLY={path}"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the artifact ({e.strerror or e})") from None
+    if not data:
+        raise ConfigError(f"{where}: the artifact file is empty")
+    try:
+        raw = lzma.decompress(data)
+    except (lzma.LZMAError, EOFError) as e:
+        raise ConfigError(f"{where}: not an xz/lzma artifact, or truncated ({e})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a non-torch payload
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise ConfigError(f"{where}: the decompressed file is not a torch.save payload "
+                          f"({type(e).__name__}: {detail})") from None
+    if not isinstance(state, dict) or not state:
+        raise ConfigError(f"{where}: expected a non-empty dict of tensors (an int6 artifact), found "
+                          f"{type(state).__name__}")
+    for name, v in state.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: expected tensor names as keys, found {name!r}")
+        if isinstance(v, dict):
+            q, scale = v.get("q"), v.get("scale")
+            if (set(v) != {"q", "scale"} or not isinstance(q, Tensor) or not isinstance(scale, Tensor)
+                    or q.dtype != torch.int8 or q.ndim != 2 or scale.shape != (q.size(0),)):
+                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (expected q: int8 (rows, cols) and "
+                                  f"scale: (rows,))")
+        elif not isinstance(v, Tensor) or not v.is_floating_point():
+            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or an int6 "
+                              f"matrix")
+        elif stored_as_int6(name, v) or name.startswith(TRAINING_ONLY_PREFIXES):
+            raise ConfigError(f"{where}: entry {name} is stored as a plain {tuple(v.shape)} tensor, which an "
+                              f"artifact never holds; this looks like a state dict, not an int6 artifact")
+    return state
 
 
 def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:
@@ -1362,6 +1401,10 @@ def account_sizes(path: Path, log, cap: int = SIZE_CAP_BYTES) -> dict:
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
 # -----------------------------------------------------------------------------------------------------------------
+
+
+class TargetCountMismatch(RuntimeError):
+    """An evaluation scored other targets than the split holds: its score must never be reported."""
 
 
 class Totals:
@@ -1446,14 +1489,23 @@ def logits_function(model: ByteJEPA, rt: Runtime):
     return torch.compile(model.forward_logits, dynamic=False) if rt.compile else model.forward_logits
 
 
+def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
+    """Every target of the split scored exactly once in all, over all ranks, or the evaluation is void."""
+    if totals.targets != num_tokens - 1:
+        raise TargetCountMismatch(f"{name} evaluation scored {totals.targets} targets but the split has "
+                                  f"{num_tokens - 1}; its score is void and is not reported")
+
+
 def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
                       logits_fn=None) -> Totals:
     """Non-overlapping windows (consecutive windows share one byte, a target of the first and context of the
     next) over the whole split, the tail included, shared across ranks."""
     model.eval()
     spans = plan_windows(len(tokens), args.window, args.window - 1)
-    return score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                       eval_batch_seqs(args, rt), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
+                         eval_batch_seqs(args, rt), rt)
+    check_targets(totals, len(tokens), "standard")
+    return totals
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
@@ -1567,9 +1619,8 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
                 f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
                 f"adapt:{sum(adapt_times):.1f}s adapted_chunks:{len(adapt_times)}")
-    expected = len(tokens) - 1
-    verdict = "ok" if totals.targets == expected else "MISMATCH"
-    log(f"{name}_targets_scored:{totals.targets} expected:{expected} {verdict}")
+    check_targets(totals, len(tokens), name)
+    log(f"{name}_targets_scored:{totals.targets} expected:{len(tokens) - 1} ok")
     return totals, per_chunk
 
 
@@ -1648,6 +1699,8 @@ def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> 
     timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
     log(f"{label} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f}{timing}")
     log(f"{label}_exact val_loss:{totals.loss:.8f} val_bpb:{totals.bpb:.8f}")
+    nll, targets, nbytes = totals.values.tolist()
+    log(f"{label}_sums nll_nats:{nll:.6f} targets:{targets:.0f} bytes:{nbytes:.0f}")
 
 
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:
@@ -1757,6 +1810,7 @@ def main() -> int:
     log = Logger(args.run_id, rt.master)
     try:
         run(args, rt, log)
+        rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
     except ConfigError as e:  # found mid-run (a shard reached late, an artifact of another configuration)
         log(f"error: {e}", console=False)
         if rt.master:
@@ -1764,6 +1818,11 @@ def main() -> int:
         return 2
     except SizeCapExceeded:
         return 3
+    except TargetCountMismatch as e:  # a bug, not a user mistake: the score must not be reported
+        log(f"error: {e}", console=False)
+        if rt.master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
     finally:
         log.close()
         rt.close()

@@ -57,6 +57,27 @@ def write_corpus(path: Path, train_docs: int = 400, val_docs: int = 30, seed: in
     return path
 
 
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Gaussian values everywhere (zero-initialised projections and head included), so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def realistic(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """The model's own initialisation, with the zero-initialised matrices (residual projections, output head)
+    given small Gaussian weights, as training leaves them: every stored matrix is non-zero, so sizes and
+    quantisation errors are measured on realistic values, not on zeros that compress and quantise for free."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -140,7 +140,8 @@ def test_eval_only_needs_no_training_split(tiny_args, corpus_copy, tmp_path):
     for path in corpus_copy.glob("fineweb_train_*.bin"):
         path.unlink()
     artifact = tmp_path / "model.ptz"
-    artifact.write_bytes(b"x")
+    model = train_gpt.build_model(tiny_args())
+    artifact.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
     check(tiny_args, corpus_copy, EVAL_ONLY=str(artifact))  # does not raise
 
 

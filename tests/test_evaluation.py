@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import run_script, tiny_env
-from test_model import randomize
+from conftest import randomize, run_script, tiny_env
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -175,3 +174,180 @@ def test_end_to_end_eval_lines_and_budget_stop(corpus, tmp_path):
     assert run.lines("eval_total_time:") and "projected_8gpu:" in run.lines("eval_total_time:")[0]
     scored = run.lines("ttt_targets_scored:")[0]
     assert scored.endswith(" ok")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Score-first TTT: the weights that score a chunk, the adaptation itself, the time budget's projection
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def spy_on_scoring(model, tokens: np.ndarray, window: int, chunk_tokens: int) -> list[tuple[set, torch.Tensor]]:
+    """Every scoring forward (forward_logits under inference mode) is recorded as (the chunks whose targets its
+    windows score, a copy of all the model's weights at that moment). A window is found by its bytes in the
+    stream (random streams: every window is unique); it scores targets up to its end, so its chunk is
+    (start + window - 1) // chunk_tokens."""
+    where = {tokens[s:s + window].tobytes(): s for s in range(len(tokens) - window + 1)}
+    calls, score = [], model.forward_logits
+
+    def spy(ids):
+        if torch.is_inference_mode_enabled():
+            starts = {where[row.numpy().astype(np.uint16).tobytes()] for row in ids.cpu()}
+            weights = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+            calls.append(({(s + window - 1) // chunk_tokens for s in starts}, weights))
+        return score(ids)
+
+    model.forward_logits = spy
+    return calls
+
+
+def weights_scoring(calls, chunk: int) -> list[torch.Tensor]:
+    return [w for chunks, w in calls if chunk in chunks]
+
+
+def test_every_chunk_is_scored_before_its_tokens_touch_a_weight(tiny_args, cpu_runtime):
+    """Legality, for every chunk k: the weights that score chunk k are identical whatever chunk k and the later
+    chunks contain (they may depend on chunks < k only, which were scored already)."""
+    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=2, EVAL_MAX_SECONDS=1e6)
+    a = stream(1200, seed=4)
+    num_chunks = math.ceil(1200 / 256)
+
+    def run(tokens):
+        model = randomize(train_gpt.build_model(args), 0).eval()
+        calls = spy_on_scoring(model, tokens, args.window, 256)
+        train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, True, time.perf_counter())
+        return calls
+
+    calls_a = run(a)
+    first = weights_scoring(calls_a, 0)
+    assert first and all(torch.equal(w, first[0]) for w in first)
+    assert not torch.equal(weights_scoring(calls_a, num_chunks - 1)[0], first[0]), "no adaptation happened"
+    for k in range(num_chunks):
+        b = a.copy()
+        b[k * 256:] = stream(1200 - k * 256, seed=50 + k)
+        b[k * 256] = a[k * 256] + 1 if a[k * 256] < 259 else 4  # the chunk's first byte differs too
+        calls_b = run(b)
+        for c in range(k + 1):
+            wa, wb = weights_scoring(calls_a, c), weights_scoring(calls_b, c)
+            assert wa and len(wa) == len(wb)
+            assert all(torch.equal(x, y) for x, y in zip(wa, wb)), \
+                f"chunk {c} was scored with weights that depend on chunk {k} or later"
+
+
+def reference_adaptation(model, tokens: np.ndarray, args) -> None:
+    """Score-first TTT's adaptation as the README specifies it, written out: one SGD optimizer (momentum
+    TTT_MOMENTUM) over every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks; for each chunk
+    c but the last, lr = TTT_LR * (1 + cos(pi c / (chunks - 1))) / 2, then TTT_EPOCHS passes over the chunk's
+    windows (overlapping by one byte) in batches of TTT_BATCH_SEQS, byte CE, grad-norm clip TTT_GRAD_CLIP."""
+    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
+    params = [p for n, p in model.named_parameters() if not n.startswith("projector.") and id(p) not in frozen]
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    size, window = args.ttt_chunk_tokens, args.window
+    chunks = math.ceil(len(tokens) / size)
+    model.train()
+    for c in range(chunks - 1):
+        for group in opt.param_groups:
+            group["lr"] = args.ttt_lr * (1 + math.cos(math.pi * c / (chunks - 1))) / 2
+        chunk = tokens[c * size:(c + 1) * size]
+        starts = list(range(0, len(chunk) - window + 1, window - 1))
+        for _ in range(args.ttt_epochs):
+            for b in range(0, len(starts), args.ttt_batch_seqs):
+                ids = torch.from_numpy(np.stack([chunk[s:s + window] for s in starts[b:b + args.ttt_batch_seqs]])
+                                       .astype(np.int64))
+                opt.zero_grad()
+                model(ids)[0].backward()
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+                opt.step()
+
+
+def test_ttt_adapts_with_cosine_lr_momentum_and_frozen_blocks(tiny_args, cpu_runtime):
+    """A real score-first TTT run ends with the weights of the written-out reference adaptation: the cosine
+    schedule across chunks, SGD momentum carried across steps and chunks, the frozen block untouched."""
+    args = tiny_args(TTT_LR=0.03, TTT_MOMENTUM=0.9, TTT_EPOCHS=2, TTT_FREEZE_BLOCKS=1, TTT_BATCH_SEQS=2,
+                     TTT_GRAD_CLIP=1.0, EVAL_MAX_SECONDS=1e6)
+    tokens = stream(1100, seed=2)
+    model = randomize(train_gpt.build_model(args), 3, std=0.1).eval()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, True, time.perf_counter())
+    reference = randomize(train_gpt.build_model(args), 3, std=0.1)
+    reference_adaptation(reference, tokens, args)
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith(("blocks.0.", "projector.")):
+            assert torch.equal(p, initial[name]), f"{name} is frozen (or training-only) but moved"
+        else:
+            assert not torch.equal(p, initial[name]), f"{name} was not adapted"
+            torch.testing.assert_close(p.detach(), expected[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+class VirtualClock:
+    """Time as the evaluation sees it: it advances only by the cost charged per window scored or trained on,
+    so projections are exact and the test does not depend on the machine's speed or load."""
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        for name in ("perf_counter", "monotonic", "time"):
+            monkeypatch.setattr(time, name, lambda: self.now)
+
+    def charge(self, fn, seconds_per_window: float, counter: list):
+        def slow(ids, *rest):
+            self.now += seconds_per_window * ids.size(0)
+            counter.append(ids.size(0))
+            return fn(ids, *rest)
+        return slow
+
+
+def test_time_budget_projects_the_remaining_scoring_and_stops_adaptation_part_way(tiny_args, cpu_runtime,
+                                                                                   monkeypatch):
+    """6 chunks; scoring a chunk costs 0.5 s (16 windows), adapting on one 0.5 s (4 windows, 1 epoch); 1 s was
+    spent before TTT began and the budget is 5.25 s. Scoring alone needs 1 + 6 x 0.5 = 4 s, so 2 adaptations
+    fit and a 3rd would not: adaptation must stop part way, the evaluation must end inside the budget, and it
+    must not give up more than one adaptation early."""
+    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=1, TTT_BATCH_SEQS=2, EVAL_MAX_SECONDS=5.25)
+    tokens = stream(6 * 256, seed=6)
+    model = randomize(train_gpt.build_model(args), 0).eval()
+    clock, scored, trained = VirtualClock(monkeypatch), [], []
+    model.forward_logits = clock.charge(model.forward_logits, 0.5 / 16, scored)
+    model.forward = clock.charge(model.forward, 0.5 / 4, trained)
+    lines = []
+    eval_t0 = clock.now - 1.0
+    totals, _ = train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lines.append, True, eval_t0)
+    finish = clock.now - eval_t0
+    adapted = sum(trained) / 4
+    assert sum(scored) >= 6 * 16 - 3 and totals.targets == len(tokens) - 1
+    assert len([line for line in lines if line.startswith("ttt_budget_stop:")]) == 1
+    assert 1 <= adapted < 5, f"{adapted} chunks adapted: the budget should stop adaptation part way"
+    assert finish <= 5.25, f"evaluation ran {finish:.2f}s past a 5.25s budget: the projection left out work"
+    assert finish > 5.25 - 0.5, f"stopped at {finish:.2f}s: another adaptation (0.5s) would have fitted"
+
+
+def test_a_scored_target_count_mismatch_is_an_error(tiny_args, cpu_runtime, monkeypatch):
+    """A plan that scores a target twice must stop the evaluation, never yield a score."""
+    monkeypatch.setattr(train_gpt, "rank_share", lambda items, rt: items + items[:1])
+    args = tiny_args()
+    model = randomize(train_gpt.build_model(args)).eval()
+    tokens = stream(1100, seed=1)
+    with pytest.raises(train_gpt.TargetCountMismatch, match="1099"):
+        train_gpt.evaluate_standard(model, tokens, args, cpu_runtime)
+    with pytest.raises(train_gpt.TargetCountMismatch, match="1099"):
+        train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, True, time.perf_counter())
+
+
+@pytest.mark.parametrize("roundtrip", [0, 1])
+def test_a_target_count_mismatch_stops_the_run_with_one_line(corpus, tmp_path, monkeypatch, capsys, roundtrip):
+    """Through main: the evaluation that miscounts (standard round trip, or TTT) ends the run with one error line
+    and a non-zero status; no final score and no submission file are written."""
+    for k, v in tiny_env(corpus, ROUNDTRIP_EVAL=roundtrip, PREQUANT_EVAL=0, RUN_ID="mismatch").items():
+        monkeypatch.setenv(k, v)
+    artifact = tmp_path / "a.ptz"
+    model = randomize(train_gpt.build_model(train_gpt.Hyperparameters()), std=0.05)
+    artifact.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
+    monkeypatch.setenv("EVAL_ONLY", str(artifact))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_gpt, "rank_share", lambda items, rt: items + items[-1:])
+    status = train_gpt.main()
+    err = capsys.readouterr().err.splitlines()
+    assert status not in (0, 2, 3)
+    assert len(err) == 1 and err[0].startswith("error: ") and "targets" in err[0], err
+    log = (tmp_path / "logs" / "mismatch.txt").read_text().splitlines()
+    assert not [line for line in log if line.startswith("final_")]
+    assert not (tmp_path / "logs" / "mismatch.submission.json").exists()

@@ -3,16 +3,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised projections and head included), so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+from conftest import TINY, randomize
 
 
 def test_default_parameter_count_matches_reference(monkeypatch):
@@ -24,12 +15,17 @@ def test_default_parameter_count_matches_reference(monkeypatch):
     assert stored == 24_593_530 - 645_120  # the JEPA projector (480->960->192) is training-only
 
 
+# MODEL_DIM=96 with patches of 8 makes the patch projection (96 x 768) an int6 layer, so QAT has a layer to switch
+QAT_SIZE = dict(MODEL_DIM=96, PATCH_SIZE=8)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train", "train_qat"])
 def test_logits_for_byte_i_depend_only_on_earlier_bytes(tiny_args, mode):
-    args = tiny_args()
+    args = tiny_args(**QAT_SIZE) if mode == "train_qat" else tiny_args()
     model = randomize(train_gpt.build_model(args))
     model.train(mode != "eval")
     train_gpt.set_late_qat(model, mode == "train_qat")
+    assert any(m.qat for m in model.modules() if isinstance(m, train_gpt.CastedLinear)) == (mode == "train_qat")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 260, (2, args.window), generator=g)
     base = model.forward_logits(ids).detach()
@@ -41,6 +37,30 @@ def test_logits_for_byte_i_depend_only_on_earlier_bytes(tiny_args, mode):
         assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
         if j + 1 < args.window:
             assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "train_qat"])
+def test_windows_of_one_batch_do_not_leak_into_each_other(tiny_args, mode):
+    """Each row of a batch is its own window: changing every byte of one row leaves the other rows' logits
+    bit-identical (training forward, evaluation forward and the training loss's logits alike)."""
+    args = tiny_args(**QAT_SIZE) if mode == "train_qat" else tiny_args()
+    model = randomize(train_gpt.build_model(args))
+    model.train(mode != "eval")
+    train_gpt.set_late_qat(model, mode == "train_qat")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(4, 260, (3, args.window), generator=g)
+    with torch.no_grad():
+        base = model.forward_logits(ids)
+        for row in range(3):
+            changed = ids.clone()
+            changed[row] = torch.randint(4, 260, (args.window,), generator=g)
+            out = model.forward_logits(changed)
+            others = [r for r in range(3) if r != row]
+            assert torch.equal(out[others], base[others]), f"changing window {row} moved another window's logits"
+            assert not torch.equal(out[row], base[row])
+    alone = torch.cat([model(ids[r:r + 1])[0].detach().reshape(1) for r in range(3)])
+    together = model(ids)[0].detach()
+    torch.testing.assert_close(together, alone.mean(), rtol=1e-5, atol=1e-6)  # the batch CE is the rows' mean
 
 
 def test_first_position_is_predicted_from_the_start_state_alone(tiny_args):
