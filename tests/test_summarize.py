@@ -31,6 +31,16 @@ def seed_logs(corpus, tmp_path_factory) -> Path:
     return cwd / "logs"
 
 
+@pytest.fixture(scope="module")
+def capped_log(corpus, tmp_path_factory) -> Path:
+    """A fourth seed of the same configuration, run under a lowered size cap: train_gpt.py stops at the size check."""
+    cwd = tmp_path_factory.mktemp("capped")
+    run = run_script(cwd, tiny_env(corpus, SEED=4, ITERATIONS=6, VAL_LOSS_EVERY=3, SIZE_CAP_BYTES=100_000),
+                     run_id="tiny_s4")
+    assert run.proc.returncode == 3 and run.lines("!!! SIZE CAP EXCEEDED"), run.proc.stderr[-3000:]
+    return cwd / "logs" / "tiny_s4.txt"
+
+
 def logged(path: Path, pattern: str) -> tuple:
     """The groups of the last line of a log matching `pattern`: the test's own reading of the log."""
     hits = re.findall(pattern, path.read_text(), flags=re.M)
@@ -166,6 +176,22 @@ def test_over_cap_mismatch_and_over_time_runs_are_flagged_and_left_out(seed_logs
     assert "FLAGGED: training 600.5s > 600s; evaluation 600.5s > 600s" in row
 
 
+def test_a_real_over_cap_run_is_shown_flagged_beside_its_seeds(seed_logs, capped_log, tmp_path):
+    logs = copy_logs(seed_logs, tmp_path / "logs")
+    shutil.copy(capped_log, logs)
+    out = cli(logs)
+    assert out.returncode == 0, out.stderr
+    assert "== configuration 1 of 1" in out.stdout  # SIZE_CAP_BYTES is a check, not a configuration
+    total = int(logged(capped_log, r"^Total submission size \S+: (\d+) bytes"))
+    row = table(out.stdout)["tiny_s4"]
+    assert row["total"] == str(total) and row["ttt_bpb"] == row["prequant_bpb"] == "-"
+    assert row["flags"] == f"FLAGGED: over the 100,000-byte cap ({total:,} bytes); no final_ttt_exact line"
+    bpbs = [exact(seed_logs / f"tiny_s{s}.txt", "final_ttt")[1] for s in SEEDS]
+    assert "seeds averaged: 3 of 4 (tiny_s1, tiny_s2, tiny_s3)" in out.stdout
+    assert f"val_bpb: mean {statistics.fmean(bpbs):.8f}  std {statistics.stdev(bpbs):.8f}" in out.stdout
+    assert "warning: tiny_s4 left out of the means: over the 100,000-byte cap" in out.stdout
+
+
 def test_a_future_mismatch_error_line_and_a_missing_final_line_are_flagged(seed_logs, tmp_path):
     logs = copy_logs(seed_logs, tmp_path / "logs")
     # a fatal mismatch ends the run after the round trip: its score must not stand in for the missing TTT score
@@ -177,6 +203,20 @@ def test_a_future_mismatch_error_line_and_a_missing_final_line_are_flagged(seed_
     assert "no final_ttt_exact line" in run.flags
     assert any(f.startswith("target-count mismatch: error: ttt scored 10") for f in run.flags)
     assert "seeds averaged: 2 of 3 (tiny_s2, tiny_s3)" in cli(logs).stdout
+
+
+def test_new_fields_and_unknown_lines_change_nothing(seed_logs, tmp_path):
+    logs = copy_logs(seed_logs, tmp_path / "logs")
+    edit(logs / "tiny_s1.txt", r"^(step:\d+/\d+ .*step_avg:\S+ms)$", r"\1 bytes_per_s:123456 mfu:12.5%")
+    edit(logs / "tiny_s1.txt", r"^(hardware: .*)$", "\\1\nflops_per_byte train:123 eval:45\nrate_control: q 0.9 ok")
+    before, after = table(cli(seed_logs).stdout), table(cli(logs).stdout)
+    assert after == before
+    # a reused RUN_ID appends a second run to the file: the last one is read, and the summary says so
+    first = (seed_logs / "tiny_s2.txt").read_text().replace(" ok\n", " MISMATCH\n")  # a flaw of the earlier run
+    (logs / "tiny_s1.txt").write_text(first + (seed_logs / "tiny_s1.txt").read_text())
+    out = cli(logs)
+    assert table(out.stdout)["tiny_s1"] == before["tiny_s1"]
+    assert f"holds 2 runs (a reused RUN_ID); only the last is read" in out.stdout
 
 
 def test_a_left_out_seed_is_warned_about(seed_logs, tmp_path):
@@ -268,7 +308,7 @@ def test_flags_reach_the_submission_compliance(seed_logs, tmp_path):
     assert info["significance"] is None and info["bytes_total"] == 16000001
 
 
-@pytest.mark.parametrize("case", ["missing", "empty folder", "truncated", "binary"])
+@pytest.mark.parametrize("case", ["missing", "empty folder", "truncated", "source only", "binary"])
 def test_bad_input_is_one_line_and_exit_2(seed_logs, tmp_path, case):
     target = tmp_path / "x.txt"
     if case == "empty folder":
@@ -276,7 +316,10 @@ def test_bad_input_is_one_line_and_exit_2(seed_logs, tmp_path, case):
         target.mkdir()
     elif case == "truncated":  # a run killed during evaluation: no final score and no reason given
         text = (seed_logs / "tiny_s1.txt").read_text()
-        target.write_text(text[:text.index("final_prequant")])
+        target.write_text(text[:text.index("\nfinal_prequant val_loss")])
+    elif case == "source only":  # killed while logging its own source, which holds the word MISMATCH
+        text = (seed_logs / "tiny_s1.txt").read_text()
+        target.write_text(text[:text.index(summarize.SEPARATOR)])
     elif case == "binary":
         target.write_bytes(bytes(range(256)))
     out = cli(target)

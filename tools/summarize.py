@@ -37,7 +37,7 @@ LOG_SUFFIXES = (".txt", ".log")
 SEPARATOR = "=" * 100  # train_gpt.py logs its own source, then this line, then the run
 # Knobs that name, place or narrate a run without changing what is trained or scored.
 NOT_CONFIGURATION = {"seed", "run_id", "data_path", "tokenizer_path", "eval_only", "train_log_every",
-                     "ttt_log_every", "val_loss_every"}
+                     "ttt_log_every", "val_loss_every", "size_cap_bytes"}
 FINAL_LABELS = ("final_prequant", "roundtrip", "final_sliding", "final_ttt")
 
 
@@ -116,8 +116,7 @@ PATTERNS = {
     "hparam": re.compile(r"^hparam (\w+)=(.*)$"),
     "versions": re.compile(r"^python (\S+) torch (\S+) cuda (\S+)"),
     "hardware": re.compile(r"^hardware: (.+)$"),
-    "train_step": re.compile(rf"^step:(\d+)/(\d+) train_loss:{NUM} train_time:{NUM}ms step_avg:{NUM}ms"),
-    "val_step": re.compile(rf"^step:(\d+)/(\d+) val_loss:{NUM} val_bpb:{NUM} train_time:{NUM}ms step_avg:{NUM}ms"),
+    "step": re.compile(r"^step:(\d+)/(\d+) "),
     "stopping_early": re.compile(r"^stopping_early: wallclock_cap"),
     "calibration": re.compile(rf"^gptq_calibration: .* in {NUM}s"),
     "model_bytes": re.compile(r"^Serialized model \S+: (\d+) bytes"),
@@ -145,8 +144,8 @@ def parse_lines(run: Run, lines: list[str]) -> None:
             if m:
                 apply_line(run, kind, m)
                 break
-        if "MISMATCH" in line and not PATTERNS["targets"].match(line):
-            run.mismatches.append(line.strip())  # however a future line words it, a mismatch is never ignored
+        if "MISMATCH" in line and not line[:1].isspace() and not PATTERNS["targets"].match(line):
+            run.mismatches.append(line)  # however a future line words it, a mismatch is never ignored
 
 
 def apply_line(run: Run, kind: str, m: re.Match) -> None:
@@ -157,12 +156,8 @@ def apply_line(run: Run, kind: str, m: re.Match) -> None:
         run.versions = dict(python=g[0], torch=g[1], cuda=None if g[2] == "None" else g[2])
     elif kind == "hardware":
         run.hardware = g[0].strip()
-    elif kind == "train_step":
-        run.steps, run.iterations, run.train_ms, run.step_avg_ms = int(g[0]), int(g[1]), float(g[3]), float(g[4])
-        run.train_curve.append((float(g[3]), float(g[2])))
-    elif kind == "val_step":
-        run.steps, run.iterations, run.train_ms, run.step_avg_ms = int(g[0]), int(g[1]), float(g[4]), float(g[5])
-        run.val_curve.append((float(g[4]), float(g[3])))
+    elif kind == "step":
+        apply_step_line(run, int(g[0]), int(g[1]), m.string)
     elif kind == "stopping_early":
         run.wallclock_stop = True
     elif kind == "calibration":
@@ -188,6 +183,23 @@ def apply_line(run: Run, kind: str, m: re.Match) -> None:
         run.errors.append(g[0])
 
 
+def step_fields(line: str) -> dict[str, float]:
+    """The `key:value` figures of a step line, by name: fields added to it later (throughput, MFU) do no harm."""
+    return {k: float(v) for k, v in re.findall(rf"(\w+):{NUM}(?:ms)?(?=\s|$)", line)}
+
+
+def apply_step_line(run: Run, step: int, iterations: int, line: str) -> None:
+    f = step_fields(line)
+    if "train_time" not in f:
+        return
+    run.steps, run.iterations, run.train_ms = step, iterations, f["train_time"]
+    run.step_avg_ms = f.get("step_avg", run.step_avg_ms)
+    if "train_loss" in f:
+        run.train_curve.append((f["train_time"], f["train_loss"]))
+    if "val_bpb" in f:
+        run.val_curve.append((f["train_time"], f["val_bpb"]))
+
+
 def read_run(path: Path) -> Run:
     try:
         text = path.read_text(encoding="utf-8")
@@ -199,7 +211,7 @@ def read_run(path: Path) -> Run:
     run.runs_in_file = max(len(separators), 1)
     # the logged source comes before the separator; a reused RUN_ID appends runs, of which the last counts
     parse_lines(run, lines[separators[-1] + 1:] if separators else lines)
-    if not run.exact and not run.cap_exceeded_line and not run.errors:
+    if not (run.exact or run.cap_exceeded_line or run.errors or run.mismatches):
         raise BadInput(f"{path}: no final_*_exact line; expected a complete train_gpt.py log "
                        f"(a run still going, killed, or not a log at all)")
     run.flags = flags_of(run)
