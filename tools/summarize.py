@@ -52,7 +52,6 @@ class Run:
     versions: dict = field(default_factory=dict)
     hardware: str | None = None
     steps: int | None = None
-    iterations: int | None = None
     step_avg_ms: float | None = None
     train_ms: float | None = None
     calib_s: float | None = None
@@ -157,7 +156,7 @@ def apply_line(run: Run, kind: str, m: re.Match) -> None:
     elif kind == "hardware":
         run.hardware = g[0].strip()
     elif kind == "step":
-        apply_step_line(run, int(g[0]), int(g[1]), m.string)
+        apply_step_line(run, int(g[0]), m.string)
     elif kind == "stopping_early":
         run.wallclock_stop = True
     elif kind == "calibration":
@@ -188,11 +187,11 @@ def step_fields(line: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(rf"(\w+):{NUM}(?:ms)?(?=\s|$)", line)}
 
 
-def apply_step_line(run: Run, step: int, iterations: int, line: str) -> None:
+def apply_step_line(run: Run, step: int, line: str) -> None:
     f = step_fields(line)
     if "train_time" not in f:
         return
-    run.steps, run.iterations, run.train_ms = step, iterations, f["train_time"]
+    run.steps, run.train_ms = step, f["train_time"]
     run.step_avg_ms = f.get("step_avg", run.step_avg_ms)
     if "train_loss" in f:
         run.train_curve.append((f["train_time"], f["train_loss"]))
@@ -562,9 +561,8 @@ def readme(info: dict, summary: Summary) -> str:
              "| seed | run | val_bpb | val_loss | steps | ms/step | train s | eval s | artifact bytes | flags |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        final = r.final
-        lines.append(f"| {cell(r.seed)} | {r.run_id} | {final and r.exact[r.final_label][1] or 'null'} | "
-                     f"{final and r.exact[r.final_label][0] or 'null'} | {cell(r.steps)} | "
+        loss, bpb = r.exact.get(r.final_label, ("null", "null"))
+        lines.append(f"| {cell(r.seed)} | {r.run_id} | {bpb} | {loss} | {cell(r.steps)} | "
                      f"{cell(r.step_avg_ms, '.2f')} | {cell(r.train_seconds, '.1f')} | "
                      f"{cell(None if r.eval_ms is None else r.eval_ms / 1e3, '.1f')} | {cell(r.bytes_total, ',')} | "
                      f"{'; '.join(r.flags) or 'ok'} |")
@@ -572,9 +570,9 @@ def readme(info: dict, summary: Summary) -> str:
               f"(std {cell(info['val_bpb_std'], '.8f')}), val_loss {cell(info['val_loss'], '.8f')}.", ""]
     test = info["significance"]
     if test:
-        lines += [f"One-sided t-test against {test['reference']:.8f} bpb with the record margin "
-                  f"{test['margin']:.7f} bpb (0.005 nats): t = {test['t']:.4f}, df = {test['df']}, "
-                  f"p = {test['p_value']:.3g}.", ""]
+        lines += [f"One-sided t-test of beating {test['reference']:.8f} bpb by more than {test['margin']:.7f} bpb "
+                  f"(the record margin of 0.005 nats is {RECORD_MARGIN_BPB:.7f}): t = {test['t']:.4f}, "
+                  f"df = {test['df']}, p = {test['p_value']:.3g}.", ""]
     lines += ["## Diagnostics (exact bpb)", "", "| seed | pre-quant | round trip | sliding | final |",
               "|---|---|---|---|---|"]
     for r in runs:
