@@ -124,7 +124,7 @@ def test_seed_summary_and_p_value_match_an_independent_computation(seed_logs):
     expected = scipy_stats.ttest_1samp(bpbs, reference - margin, alternative="less").pvalue
     assert f"by > 0.0072135 bpb): t = " in out.stdout
     printed = float(re.search(r"by > 0\.0072135 bpb\): t = \S+, df = 2, p = (\S+)", out.stdout).group(1))
-    assert printed == pytest.approx(expected, rel=2e-3)  # printed to 3 significant digits
+    assert printed == pytest.approx(expected, rel=1e-5)  # printed to 6 significant digits
     test = summarize.one_sided_t_test(bpbs, reference, margin)
     assert test["p_value"] == pytest.approx(expected, rel=1e-9) and test["df"] == 2
     assert "warning" not in out.stdout

@@ -449,8 +449,8 @@ def print_summary(summary: Summary, reference: float | None, margin: float) -> d
                 if result is None:
                     print(f"  one-sided t-test ({what}): undefined (needs 2+ seeds with a nonzero spread)")
                 else:
-                    print(f"  one-sided t-test ({what}): t = {result['t']:.4f}, df = {result['df']}, "
-                          f"p = {result['p_value']:.3g}")
+                    print(f"  one-sided t-test ({what}): t = {result['t']:.6f}, df = {result['df']}, "
+                          f"p = {result['p_value']:.6g}")
     for w in summary.warnings:
         print(f"  warning: {w}")
     return test
@@ -571,8 +571,8 @@ def readme(info: dict, summary: Summary) -> str:
     test = info["significance"]
     if test:
         lines += [f"One-sided t-test of beating {test['reference']:.8f} bpb by more than {test['margin']:.7f} bpb "
-                  f"(the record margin of 0.005 nats is {RECORD_MARGIN_BPB:.7f}): t = {test['t']:.4f}, "
-                  f"df = {test['df']}, p = {test['p_value']:.3g}.", ""]
+                  f"(the record margin of 0.005 nats is {RECORD_MARGIN_BPB:.7f}): t = {test['t']:.6f}, "
+                  f"df = {test['df']}, p = {test['p_value']:.6g}.", ""]
     lines += ["## Diagnostics (exact bpb)", "", "| seed | pre-quant | round trip | sliding | final |",
               "|---|---|---|---|---|"]
     for r in runs:
