@@ -12,9 +12,10 @@ Rules this tool applies (documented here because reviewers depend on them):
   GPTQ calibration) or 600 s of evaluation, with a target-count mismatch, an `error:` line, or without the final
   line its knobs promise (final_ttt when TTT_ENABLED) is flagged and left out of every mean.
 - Missing seeds: a group is warned about when it averages fewer than 3 seeds, when a flagged run was left out,
-  when two runs share a seed, when its run ids end in numbers with a gap (rec_s1, rec_s3: rec_s2 missing), and
-  when a log of the same configuration lies beside the given ones but was not given.
-- A file with neither a final score nor a stated reason for stopping (size cap, error) is bad input: exit 2.
+  when two runs share a seed, when its run ids end in numbers with a gap of at most MAX_SEED_GAP (rec_s1, rec_s3:
+  rec_s2 missing), and when a log of the same configuration lies beside the given ones but was not given.
+- A file with neither a final score nor a stated reason for stopping (size cap, error, mismatch) is bad input:
+  one line naming it, exit 2.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ TRAIN_BUDGET_S = 600.0
 EVAL_BUDGET_S = 600.0
 RECORD_MARGIN_BPB = 0.005 / math.log(2)  # 0.005 nats per byte = 0.0072135 bpb for a byte-level model
 MIN_SEEDS = 3
+MAX_SEED_GAP = 10  # numbered run ids further apart than this are taken for timestamps, not seed numbers
 LOG_SUFFIXES = (".txt", ".log")
 SEPARATOR = "=" * 100  # train_gpt.py logs its own source, then this line, then the run
 # Knobs that name, place or narrate a run without changing what is trained or scored.
@@ -379,7 +381,7 @@ def run_id_gaps(run_ids: list[str]) -> list[str]:
     warnings = []
     for stem, numbers in stems.items():
         missing = sorted(set(range(min(numbers), max(numbers) + 1)) - numbers)
-        if len(numbers) > 1 and missing and len(missing) <= 100:
+        if len(numbers) > 1 and 0 < len(missing) <= MAX_SEED_GAP:
             warnings.append(f"run ids {stem}* skip {', '.join(f'{stem}{n}' for n in missing)}: seeds left out?")
     return warnings
 
