@@ -1284,9 +1284,8 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
     while len(blob) > budget:
         names = [name for name, b in bits.items() if b in NARROWER]
         if not names:
-            log(f"!!! SIZE CAP EXCEEDED: even int4 for every matrix leaves {len(blob) + code_bytes} bytes, over the "
-                f"{args.size_cap_bytes}-byte cap (SIZE_CAP_BYTES); nothing smaller can be stored !!!")
-            raise SizeCapExceeded(len(blob) + code_bytes)
+            log("rate_control: every matrix is at int4, the coarsest width, and the artifact still does not fit")
+            check_size(len(blob), code_bytes, log, args.size_cap_bytes)  # logs the sizes and raises
         for name in names:
             if name not in trials:
                 entry = store_matrix(state[name], hessians.get(name), NARROWER[bits[name]])

@@ -194,6 +194,32 @@ def test_gptq_output_error_on_correlated_inputs_is_below_rtn():
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
 
+def test_q_k_and_v_share_one_hessian_equal_to_their_own_inputs(tiny_args):
+    """Wide enough that q, k and v are int6 (288 x 288, two KV heads): one Hessian serves the three, and it is
+    the X^T X / rows of what k and v themselves read."""
+    args = tiny_args(MODEL_DIM=288, NUM_HEADS=2, NUM_KV_HEADS=2, GPTQ_CALIB_BATCHES=2)
+    model = randomize(train_gpt.build_model(args), std=0.05)
+    modules = dict(model.named_modules())
+    names = [f"{stack}.{i}.attn.{p}.weight" for stack, n in (("blocks", 2), ("dec_blocks", 1)) for i in range(n)
+             for p in "qkv"]
+    seen = {name: [] for name in names}
+    handles = [modules[name.removesuffix(".weight")].register_forward_hook(
+        lambda m, inputs, out, name=name: seen[name].append(inputs[0].detach().reshape(-1, inputs[0].size(-1))))
+        for name in names]
+    try:
+        hessians = train_gpt.collect_hessians(model, train_gpt.DistributedTokenLoader(args, 0, CPU), args,
+                                              train_gpt.Runtime(args))
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        x = torch.cat(seen[name]).float()
+        torch.testing.assert_close(hessians[name], x.T @ x / x.size(0), rtol=1e-4, atol=1e-6)
+        if name.endswith((".k.weight", ".v.weight")):
+            assert hessians[name] is hessians[name[:-len("k.weight")] + "q.weight"], name
+    assert not torch.equal(hessians["blocks.0.attn.q.weight"], hessians["blocks.1.attn.q.weight"])
+
+
 def test_gptq_on_the_models_calibration_batches_beats_rtn(tiny_args):
     """collect_hessians on training micro-batches gives X^T X / rows of each int6 layer's inputs; GPTQ with that
     Hessian moves the layer's outputs on those batches no more than round-to-nearest does."""
@@ -378,24 +404,76 @@ def test_damaged_or_foreign_eval_only_file_is_one_error_line(name, content, reas
     assert "Traceback" not in run.proc.stderr + run.proc.stdout and not (run.cwd / "logs").exists()
 
 
-def test_default_model_artifact_fits_under_the_cap(monkeypatch):
-    """The full-size default model (random initialisation), quantised with RTN and compressed on CPU."""
+def test_gaussian_default_model_is_rate_controlled_under_the_cap(monkeypatch, tmp_path):
+    """The full-size default model with Gaussian weights everywhere: int6 alone is over the cap (Gaussian rows
+    use every level), so build_artifact must coarsen some matrices, fit 16,000,000 bytes with the code, and
+    write a file that load_artifact reads back close to the originals."""
     knobs = set(TINY) | {"DATA_PATH", "TOKENIZER_PATH", "SMOKE", "VOCAB_SIZE", "MLP_MULT", "ROPE_BASE",
-                         "QK_GAIN_INIT", "WORLD_SIZE"}
+                         "QK_GAIN_INIT", "WORLD_SIZE", "SIZE_CAP_BYTES"}
     for key in knobs:
         monkeypatch.delenv(key, raising=False)
     args = train_gpt.Hyperparameters()
     assert (args.model_dim, args.patch_size, args.num_layers, args.decoder_layers) == (480, 8, 5, 7)
     model = train_gpt.build_model(args)
-    qstate = train_gpt.quantize_state(model.state_dict())
-    stored = sum(t.numel() for k, t in model.state_dict().items() if not k.startswith("projector."))
-    assert stored == 24_593_530 - 645_120
-    int6 = sum(v["q"].numel() for v in qstate.values() if isinstance(v, dict))
-    assert int6 > 0.95 * stored  # nearly everything stored is int6
-    blob = train_gpt.serialize_artifact(qstate)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    lines = []
+    blob = train_gpt.build_artifact(model.state_dict(), args, log=lines.append)
     code = len(SCRIPT.read_bytes())
-    assert len(blob) + code <= train_gpt.SIZE_CAP_BYTES, f"{len(blob)} + {code} bytes exceed the cap"
-    assert train_gpt.check_size(len(blob), code, lambda msg: None) == len(blob) + code
+    assert len(blob) + code <= 16_000_000, f"{len(blob)} + {code} bytes exceed the cap"
+    first, last = lines[0], lines[-1]
+    assert "(cap 16000000, over)" in first and "(cap 16000000, fits)" in last and len(lines) >= 2, lines
+    assert f"artifact {len(blob)} bytes, total {len(blob) + code}" in last
+    path = tmp_path / "gaussian.ptz"
+    path.write_bytes(blob)
+    stored = train_gpt.read_artifact(path)
+    widths = {name: int(v["q"].abs().max()) for name, v in stored.items() if isinstance(v, dict)}
+    assert {15, 31} <= set(widths.values())  # some matrices stepped down to int5, the rest int6 (or int8)
+    reloaded = train_gpt.load_artifact(path, args).state_dict()
+    for name, v in stored.items():
+        if isinstance(v, dict):  # within half a step of the row's scale (Gaussian rows: no clipping at amax)
+            original = model.state_dict()[name]
+            bound = v["scale"].float()[:, None] / 2 * 1.001 + 1e-6
+            over = (reloaded[name] - original).abs() > bound
+            assert over.float().mean().item() < 0.01, name  # only clipped outliers may exceed it
+
+
+def test_rate_control_steps_down_the_cheapest_matrices_and_logs_each_step(wide_model, monkeypatch):
+    args, model = wide_model
+    state = realistic(model).state_dict()
+    lines = []
+    full = train_gpt.build_artifact(state, args, log=lines.append)
+    assert len(lines) == 1 and "fits" in lines[0]
+    code = len(SCRIPT.read_bytes())
+    monkeypatch.setenv("SIZE_CAP_BYTES", str(code + len(full) - 8000))
+    lines = []
+    blob = train_gpt.build_artifact(state, train_gpt.Hyperparameters(), log=lines.append)
+    assert len(blob) + code <= code + len(full) - 8000 < len(full) + code
+    sizes = [int(re.search(r"artifact (\d+) bytes", line).group(1)) for line in lines]
+    assert sizes[0] == len(full) and sizes[-1] == len(blob) and sizes == sorted(sizes, reverse=True)
+    errors = [float(re.search(r"mean relative error (\S+),", line).group(1)) for line in lines]
+    assert errors == sorted(errors) and errors[-1] > errors[0]  # each step trades accuracy for bytes
+    assert all(line.startswith(f"rate_control: step {i}:") for i, line in enumerate(lines))
+    decoded = torch.load(io.BytesIO(lzma.decompress(blob)), weights_only=True)
+    assert set(decoded) == set(train_gpt.quantize_state(state))  # same entries, some of them narrower
+
+
+def test_a_tiny_run_under_a_tight_cap_coarsens_and_still_evaluates(corpus, tmp_path):
+    """Through the command line: a cap below what the run's artifact needs at the default widths is met by
+    coarsening (logged), the run exits 0 and its sizes fit; a cap below the code alone is exit 3 (see above)."""
+    env = tiny_env(corpus, ITERATIONS=2, TTT_ENABLED=0, PREQUANT_EVAL=0)
+    free = run_script(tmp_path / "free", env, run_id="free")
+    assert free.proc.returncode == 0, free.proc.stderr[-2000:]
+    need = size_line(free, "Total submission size int6+lzma:")
+    tight = run_script(tmp_path / "tight", dict(env, SIZE_CAP_BYTES=str(need - 3000)), run_id="tight")
+    assert tight.proc.returncode == 0, tight.proc.stderr[-2000:]
+    assert tight.lines("rate_control: step 1:") and "(cap" in tight.lines("rate_control: step 0:")[0]
+    total = size_line(tight, "Total submission size int6+lzma:")
+    assert total <= need - 3000 and (tight.cwd / "final_model.int6.ptz").stat().st_size + len(SCRIPT.read_bytes()) \
+        == total
+    assert tight.lines("final_int6_lzma_roundtrip_exact")
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import train_gpt
 from conftest import SCRIPT, TINY, run_script, tiny_env
@@ -270,3 +271,57 @@ def test_torchrun_two_processes_bad_value(tmp_path, corpus):
     assert not [f for f in frames if f.endswith("train_gpt.py")], proc.stderr
     assert all("torch" in f or f.startswith("<frozen") for f in frames), frames
     assert "step:" not in proc.stdout and not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device, and knobs that follow the window
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("device", ["", "auto", "cuda"])
+def test_without_cuda_a_run_must_ask_for_the_cpu(tmp_path, corpus, device):
+    """No silent fallback: auto (the default) and cuda stop before any work with one line naming DEVICE."""
+    run = run_script(tmp_path, tiny_env(corpus, DEVICE=device), timeout=120)
+    hint = ["DEVICE=cpu", "SMOKE=1"] if device != "cuda" else ["CUDA is not available"]
+    assert_fails_fast(run, [("DEVICE", device or "auto")], hint)
+
+
+def test_device_cpu_runs_on_the_cpu_and_cuda_is_refused_in_process(tiny_args):
+    args = tiny_args(DEVICE="cpu")
+    assert train_gpt.Runtime(args).device.type == "cpu"
+    train_gpt.check_device(args)  # asked for: no error
+    if not torch.cuda.is_available():
+        with pytest.raises(train_gpt.ConfigError, match="DEVICE=cuda"):
+            train_gpt.check_device(tiny_args(DEVICE="cuda"))
+
+
+def test_window_of_256_needs_no_stride_or_batch_override(monkeypatch):
+    """TRAIN_SEQ_LEN=255: the default stride (256) would not fit the window, nor the default batches whole
+    windows; their defaults follow the window, while explicit values are still checked."""
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("TRAIN_SEQ_LEN", "255")
+    args = train_gpt.Hyperparameters()
+    assert args.val_sliding_stride == 248  # the window's whole patches of 8, below 256
+    assert args.train_batch_tokens == 524_032 // 2040 * 2040 and args.val_batch_size == args.train_batch_tokens
+    monkeypatch.setenv("TRAIN_BATCH_TOKENS", "524032")
+    with pytest.raises(train_gpt.ConfigError, match="TRAIN_BATCH_TOKENS=524032"):
+        train_gpt.Hyperparameters()
+
+
+def test_stride_and_chunk_are_checked_only_when_their_evaluation_runs(tiny_args):
+    tiny_args(VAL_SLIDING_STRIDE=64, TTT_CHUNK_TOKENS=200, TTT_ENABLED=0, SLIDING_EVAL=0)  # unused: no error
+    for enabled in (dict(TTT_ENABLED=1), dict(TTT_ENABLED=0, SLIDING_EVAL=1)):
+        with pytest.raises(train_gpt.ConfigError, match="VAL_SLIDING_STRIDE=64"):
+            tiny_args(VAL_SLIDING_STRIDE=64, **enabled)
+
+
+def test_a_window_of_256_runs_end_to_end(tmp_path, corpus):
+    """TRAIN_SEQ_LEN=255 with the stride left to its default, through training, sliding and TTT evaluation."""
+    env = {k: v for k, v in tiny_env(corpus, TRAIN_SEQ_LEN=255, TRAIN_BATCH_TOKENS=2040, VAL_BATCH_SIZE=4080,
+                                     ITERATIONS=2, SLIDING_EVAL=1).items() if k != "VAL_SLIDING_STRIDE"}
+    env["VAL_SLIDING_STRIDE"] = ""  # empty = default, whatever the calling shell has set
+    run = run_script(tmp_path, env, timeout=240)
+    assert run.proc.returncode == 0, run.proc.stderr[-2000:]
+    assert "hparam val_sliding_stride=252" in run.log  # patches of 4 here
+    assert run.lines("final_sliding_exact") and run.lines("final_ttt_exact")
