@@ -104,8 +104,7 @@ class Hyperparameters:
         self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
         self.seed = knob("SEED", 1337, lo=0, hi=2**62)
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
-        # auto = CUDA, and an error without it (except SMOKE=1): a broken CUDA install must not train on the CPU
-        self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))
+        self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))  # auto: CUDA or an error (not SMOKE)
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
@@ -132,7 +131,6 @@ class Hyperparameters:
 
         def whole_windows(name, default):
             return env(name, max(per_step, d.get(name, default) // per_step * per_step), lo=1)
-
         self.train_batch_tokens = whole_windows("TRAIN_BATCH_TOKENS", 524_032)  # targets per optimizer step
         self.iterations = knob("ITERATIONS", 20_000, lo=0)
         self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
@@ -162,8 +160,7 @@ class Hyperparameters:
         # artifact
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
-        # seconds cut from training for calibration; auto: 1.5x one calibration batch timed before the clock, x batches
-        self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", None, float, lo=0.0)
+        self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", None, float, lo=0.0)  # cut from training; auto: timed
         self.size_cap_bytes = knob("SIZE_CAP_BYTES", SIZE_CAP_BYTES, lo=1)  # code + artifact limit (tests lower it)
         # evaluation
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
@@ -616,8 +613,9 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
     return ByteJEPA(args)
 
 
-def flops_per_window(args: Hyperparameters, training: bool) -> dict[str, float]:
-    """Analytic FLOPs of one window (2 per multiply-add), by component. Matmuls only: norms, RoPE, softmax and
+def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
+    """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
+    component. Matmuls only: norms, RoPE, softmax and
     the losses' elementwise work are left out. Attention is counted causally, as the kernels compute it: query i
     meets i+1 keys, 4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the
     backward of x @ W gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash
@@ -640,12 +638,7 @@ def flops_per_window(args: Hyperparameters, training: bool) -> dict[str, float]:
     if training:
         f = {k: 3 * v for k, v in f.items()}
         f["jepa_heads"] += 3 * patches * head_hidden + 2 * 2 * patches * L * args.sigreg_slices  # projector, SIGReg
-    return f
-
-
-def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
-    """flops_per_window per target byte (a window of TRAIN_SEQ_LEN+1 bytes scores TRAIN_SEQ_LEN of them)."""
-    return {k: v / args.train_seq_len for k, v in flops_per_window(args, training).items()}
+    return {k: v / args.train_seq_len for k, v in f.items()}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -871,29 +864,21 @@ class SharedClock:
         dist.all_reduce(clock, dist.ReduceOp.MAX, group=self.rt.host_group)
         return clock.item()
 
-    def restart(self):
-        """After a pause (validation) that drained the GPU."""
+    def restart(self):  # after a pause (validation) that drained the GPU
         self.pending = None
 
 
-def estimate_artifact_bytes(state: dict[str, Tensor]) -> int:
-    """What these weights would compress to (round-to-nearest int6 + LZMA): a guide, not the export."""
-    return len(serialize_artifact(quantize_state(state)))
-
-
 class SizeEstimate:
-    """Once, early in training, the size the current weights would compress to, for the person watching. The
-    weights are copied to pinned host memory on a side stream and compressed by a CPU thread; the training
-    stream only waits for the copy before its next optimizer step, so the GPU does no extra work."""
+    """Once, early in training, what the current weights would compress to (round-to-nearest int6 + LZMA), for
+    the person watching. Rank 0 copies them to pinned host memory on a side stream and a CPU thread compresses
+    them; the training stream waits for the copy only before its next optimizer step: no extra GPU work."""
 
-    def __init__(self, model: nn.Module, rt: Runtime, log, code_bytes: int, cap: int):
-        self.model, self.rt, self.log, self.code_bytes, self.cap = model, rt, log, code_bytes, cap
-        self.copied, self.future, self.worker = None, None, None
+    def __init__(self, rt: Runtime, log, cap: int):
+        self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
+        self.worker = ThreadPoolExecutor(max_workers=1)  # starts its thread on the first submit only
 
-    def start(self, step: int):
-        if not self.rt.master or self.future is not None:
-            return
-        state = {k: v.detach() for k, v in self.model.state_dict().items()}
+    def start(self, step: int, model: nn.Module):
+        state = {k: v.detach().clone() if not self.rt.cuda else v for k, v in model.state_dict().items()}
         if self.rt.cuda:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -902,18 +887,15 @@ class SizeEstimate:
                          for k, v in state.items()}
                 self.copied = torch.cuda.Event()
                 self.copied.record(stream)
-        else:
-            state = {k: v.clone() for k, v in state.items()}
-        self.worker = ThreadPoolExecutor(max_workers=1)
         self.future = self.worker.submit(self.report, step, state, self.copied)
 
     def report(self, step: int, state: dict[str, Tensor], copied):
         if copied is not None:
             copied.synchronize()
-        total = estimate_artifact_bytes(state) + self.code_bytes
-        verdict = "fits" if total <= self.cap else "over: the export will coarsen the quantisation to fit"
-        self.log(f"size_estimate: weights at step {step} would compress to {total - self.code_bytes} bytes, "
-                 f"{total} with the code, cap {self.cap} ({verdict}; round-to-nearest int6, estimate only)")
+        model_bytes, code_bytes = len(serialize_artifact(quantize_state(state))), len(Path(__file__).read_bytes())
+        verdict = "fits" if model_bytes + code_bytes <= self.cap else "over: the export will coarsen it to fit"
+        self.log(f"size_estimate: weights at step {step} would compress to {model_bytes} bytes, "
+                 f"{model_bytes + code_bytes} with the code, cap {self.cap} ({verdict}; int6 round-to-nearest)")
 
     def before_update(self):
         """The optimizer must not overwrite weights still being copied."""
@@ -922,12 +904,9 @@ class SizeEstimate:
             self.copied = None
 
     def finish(self):
-        if self.worker is not None:
+        if self.future is not None:
             self.future.result()
-            self.worker.shutdown()
-
-
-SIZE_ESTIMATE_STEP = 100  # early, but past the first updates' largest moves (tiny runs: a tenth of ITERATIONS)
+        self.worker.shutdown()
 
 
 class Trainer:
@@ -939,7 +918,7 @@ class Trainer:
         self.optimizers = build_optimizers(model, args, rt)
         self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
-        self.size_estimate = SizeEstimate(model, rt, log, len(Path(__file__).read_bytes()), args.size_cap_bytes)
+        self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
         self.calibration_reserve = 0.0
 
     def step(self, step: int, scale: float) -> Tensor:
@@ -992,10 +971,10 @@ class Trainer:
 
     def measure_calibration_reserve(self) -> float:
         """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
-        collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
-        self.rt.sync()
-        t = time.perf_counter()
-        collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
+        for _ in range(2):  # the second is timed: the first pays for warm-up
+            self.rt.sync()
+            t = time.perf_counter()
+            collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
         self.rt.sync()
         batch_s = torch.tensor(time.perf_counter() - t, device=self.rt.device)
         batch_s = self.rt.all_reduce(batch_s, dist.ReduceOp.MAX).item()  # one reserve for every rank
@@ -1013,12 +992,9 @@ class Trainer:
     def throughput(self, step: int, elapsed_ms: float) -> str:
         """Training bytes per second, and MFU against the card's bf16 peak where the card is known."""
         bytes_per_s = step * self.args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
-        text = f" bytes_per_s:{bytes_per_s:.0f}"
-        peak = bf16_peak_flops(self.rt)
-        if peak:
-            flops = sum(flops_per_byte(self.args, training=True).values())
-            text += f" mfu:{100.0 * flops * bytes_per_s / (peak * self.rt.world):.1f}%"
-        return text
+        peak, flops = bf16_peak_flops(self.rt), sum(flops_per_byte(self.args, training=True).values())
+        mfu = f" mfu:{100.0 * flops * bytes_per_s / (peak * self.rt.world):.1f}%" if peak else ""
+        return f" bytes_per_s:{bytes_per_s:.0f}{mfu}"
 
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
@@ -1027,8 +1003,8 @@ class Trainer:
         averager = WeightAverager(self.model, args)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
         clock = SharedClock(rt)
-        train_ms, step, stop_after, qat_on = 0.0, 0, None, False
-        shared_ms = 0.0  # training time by the slowest rank's clock: one schedule for all ranks
+        # shared_ms: training time by the slowest rank's clock, one schedule for all ranks
+        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
         rt.sync()
         t0 = time.perf_counter()
         while True:
@@ -1057,8 +1033,8 @@ class Trainer:
             ce = self.step(step, scale)
             step += 1
             averager.update(step, scale)
-            if step == min(SIZE_ESTIMATE_STEP, max(args.iterations // 10, 1)):
-                self.size_estimate.start(step)
+            if rt.master and step == min(100, max(args.iterations // 10, 1)):  # early, past the first big moves
+                self.size_estimate.start(step, self.model)
             if step % args.train_log_every == 0 or step <= 10:
                 ce = rt.all_reduce(ce) / rt.world
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
@@ -1271,16 +1247,13 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
     trials = {}  # name -> (entry one width down, its error)
 
     def report(what: str):
-        total = len(blob) + code_bytes
-        log(f"rate_control: step {rung}: {what}; artifact {len(blob)} bytes, total {total} (cap "
-            f"{args.size_cap_bytes}, {'fits' if total <= args.size_cap_bytes else 'over'}); mean relative error "
-            f"{sum(errors.values()) / max(len(errors), 1):.3e}, worst {max(errors.values(), default=0.0):.3e}")
+        total, counts = len(blob) + code_bytes, sorted(collections.Counter(bits.values()).items(), reverse=True)
+        widths = ", ".join(f"{'fp' if b == 16 else 'int'}{b}: {n}" for b, n in counts)
+        log(f"rate_control: step {rung}: {what} ({widths} matrices); artifact {len(blob)} bytes, total {total} "
+            f"(cap {args.size_cap_bytes}, {'fits' if total <= args.size_cap_bytes else 'over'}); mean relative "
+            f"error {sum(errors.values()) / max(len(errors), 1):.3e}, worst {max(errors.values(), default=0.0):.3e}")
 
-    def widths() -> str:
-        return ", ".join(f"{'fp' if b == 16 else 'int'}{b}: {n}" for b, n in
-                         sorted(collections.Counter(bits.values()).items(), reverse=True))
-
-    report(f"as quantised ({widths()} matrices)")
+    report("as quantised")
     while len(blob) > budget:
         names = [name for name, b in bits.items() if b in NARROWER]
         if not names:
@@ -1302,7 +1275,7 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
             qstate[name], errors[name] = trials.pop(name)
             bits[name] = NARROWER[bits[name]]
         blob, rung = serialize_artifact(qstate), rung + 1
-        report(f"{len(chosen)} matrices one width down ({widths()} matrices)")
+        report(f"{len(chosen)} matrices one width down")
     return blob
 
 
@@ -1312,18 +1285,16 @@ def read_artifact(path: str | Path) -> dict:
     where = f"EVAL_ONLY={path}"
     try:
         data = Path(path).read_bytes()
+        raw = lzma.decompress(data)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read the artifact ({e.strerror or e})") from None
-    if not data:
-        raise ConfigError(f"{where}: the artifact file is empty")
-    try:
-        raw = lzma.decompress(data)
     except (lzma.LZMAError, EOFError) as e:
-        raise ConfigError(f"{where}: not an xz/lzma artifact, or truncated ({e})") from None
+        what = "the artifact file is empty" if not data else f"not an xz/lzma artifact, or truncated ({e})"
+        raise ConfigError(f"{where}: {what}") from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a non-torch payload
-        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
         raise ConfigError(f"{where}: the decompressed file is not a torch.save payload "
                           f"({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or not state:
@@ -1458,8 +1429,8 @@ def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: t
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
                 rt: Runtime) -> Totals:
-    """Sums over the spans every rank was given, all-reduced (each rank passes its own share). Short batches are padded with windows that score
-    nothing, so every forward has one shape and a compiled model compiles once."""
+    """Sums over the spans every rank was given, all-reduced (each rank passes its own share). Short batches are
+    padded with windows that score nothing, so every forward has one shape and a compiled model compiles once."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
     for i in range(0, len(spans), batch_seqs):
@@ -1529,7 +1500,7 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
     with torch.inference_mode(), rt.autocast():
         score(ids[:rows])
     if args.ttt_enabled and args.ttt_epochs > 0:
-        params = ttt_parameters(model, args)
+        ttt_parameters(model, args)  # the requires_grad pattern TTT will have, which the graphs depend on
         windows = (args.ttt_chunk_tokens - args.window) // (args.window - 1) + 1
         mine = len(rank_share(list(range(min(args.ttt_batch_seqs, windows))), rt))
         with torch.inference_mode(), rt.autocast():
@@ -1538,9 +1509,8 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
         if mine:
             with rt.autocast():
                 torch.compile(model, dynamic=False)(ids[:mine])[0].backward()
-        for p in params:
-            p.grad = None
         for p in model.parameters():
+            p.grad = None
             p.requires_grad_(True)
     model.train()
 
@@ -1810,18 +1780,13 @@ def main() -> int:
     try:
         run(args, rt, log)
         rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
-    except ConfigError as e:  # found mid-run (a shard reached late, an artifact of another configuration)
+    except (ConfigError, TargetCountMismatch) as e:  # a user mistake found mid-run (2), or a void score (4)
         log(f"error: {e}", console=False)
         if rt.master:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 4
     except SizeCapExceeded:
         return 3
-    except TargetCountMismatch as e:  # a bug, not a user mistake: the score must not be reported
-        log(f"error: {e}", console=False)
-        if rt.master:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 4
     finally:
         log.close()
         rt.close()

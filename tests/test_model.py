@@ -201,7 +201,8 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
 
 def test_default_flops_per_byte_by_hand(monkeypatch):
     """The reference model, counted by hand per target byte (d=480, 2048-byte window, 256 patches): decoder
-    matmuls 7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8; decoder attention 7 x 4 d x (2048 x 2049 / 2) / 2047."""
+    matmuls 7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8; decoder attention
+    7 x 4 d x (2048 x 2049 / 2) / 2047."""
     for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
         monkeypatch.delenv(key, raising=False)
     f = train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=False)

@@ -23,7 +23,8 @@ def test_embedded_default_runs_the_whole_pipeline(smoke_run):
     assert run.lines("data: EMBEDDED SAMPLE")
     assert (run.cwd / "data/datasets/embedded_pydoc_byte260/fineweb_train_000000.bin").is_file()
     assert (run.cwd / "final_model.int6.ptz").is_file()
-    for line in ("weight_avg:ema", "gptq_calibration:", "flops_per_byte train:", "size_estimate: weights at step", "Serialized model int6+lzma:", "final_prequant_exact",
+    for line in ("weight_avg:ema", "gptq_calibration:", "flops_per_byte train:", "size_estimate: weights at step",
+                 "rate_control: step 0:", "Serialized model int6+lzma:", "final_prequant_exact",
                  "final_int6_lzma_roundtrip_exact", "final_ttt_exact", "ttt_targets_scored:", "eval_total_time:"):
         assert run.lines(line), line
     assert run.lines("ttt_targets_scored:")[0].endswith(" ok")

@@ -262,6 +262,7 @@ def test_calibration_past_the_budget_is_flagged(corpus, tmp_path):
     auto = run_script(tmp_path, dict(env, GPTQ_RESERVE_SECONDS=""), run_id="auto")
     assert auto.proc.returncode == 0 and not auto.lines("warning:"), auto.log[-2000:]
     reserve = float(re.search(r"^gptq_reserve: auto ([0-9.]+)s", auto.log, re.M).group(1))
-    assert reserve > 1.0 and auto.lines("gptq_calibration: 50 batches/rank in")[0].endswith(f"(reserved {reserve:.2f}s)")
+    calibration = auto.lines("gptq_calibration: 50 batches/rank in")[0]
+    assert reserve > 1.0 and calibration.endswith(f"(reserved {reserve:.2f}s)")
     train_s = auto.value("stopping_early: wallclock_cap", "train_time") / 1000
     assert train_s <= max(2.0 - reserve, 0.0) + 0.5, (train_s, reserve)
