@@ -1497,14 +1497,14 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
     ids = ids.repeat(-(-rows // ids.size(0)), 1)
     score = logits_function(model, rt)
     model.eval()
-    with torch.inference_mode(), rt.autocast():
-        score(ids[:rows])
+    with torch.inference_mode(), rt.autocast():  # inference tensors, as score_spans makes them
+        score(ids[:rows].clone())
     if args.ttt_enabled and args.ttt_epochs > 0:
         ttt_parameters(model, args)  # the requires_grad pattern TTT will have, which the graphs depend on
         windows = (args.ttt_chunk_tokens - args.window) // (args.window - 1) + 1
         mine = len(rank_share(list(range(min(args.ttt_batch_seqs, windows))), rt))
         with torch.inference_mode(), rt.autocast():
-            score(ids[:rows])
+            score(ids[:rows].clone())
         model.train()
         if mine:
             with rt.autocast():
@@ -1647,13 +1647,15 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
 
 
 def log_flops(args: Hyperparameters, log) -> None:
-    """FLOPs per target byte by component, then both totals on one line for tools."""
-    totals = {}
+    """FLOPs per target byte by component; totals with and without attention (flop_counter skips it on CPU)."""
+    totals, linear = {}, {}
     for kind, training in (("train", True), ("eval", False)):
         parts = flops_per_byte(args, training)
         totals[kind] = sum(parts.values())
+        linear[kind] = totals[kind] - parts["encoder_attention"] - parts["decoder_attention"]
         log(f"flops_{kind}_components: " + " ".join(f"{k}:{v:.0f}" for k, v in parts.items()))
     log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
+    log(f"flops_per_byte_without_attention train:{linear['train']:.0f} eval:{linear['eval']:.0f}")
 
 
 def log_peak_memory(rt: Runtime, log) -> None:

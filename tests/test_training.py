@@ -158,10 +158,15 @@ def test_logged_flops_and_early_size_estimate(twin_runs, tiny_args):
     (rank 0) and lands near the final artifact's size (fp16 weights at this size compress alike)."""
     one, two = twin_runs
     args = tiny_args()
-    expected = [round(sum(train_gpt.flops_per_byte(args, training).values())) for training in (True, False)]
+    parts = [train_gpt.flops_per_byte(args, training) for training in (True, False)]
+    expected = [round(sum(p.values())) for p in parts]
+    linear = [round(sum(v for k, v in p.items() if not k.endswith("attention"))) for p in parts]
     for run in (one, two):
         train, evaluation = re.search(r"^flops_per_byte train:(\d+) eval:(\d+)$", run.log, re.M).groups()
         assert [int(train), int(evaluation)] == expected
+        train, evaluation = re.search(r"^flops_per_byte_without_attention train:(\d+) eval:(\d+)$", run.log,
+                                      re.M).groups()
+        assert [int(train), int(evaluation)] == linear
         estimate = run.lines("size_estimate: weights at step 1 would compress to")
         assert len(estimate) == 1, estimate
         guess = int(re.search(r"compress to (\d+) bytes", estimate[0]).group(1))
