@@ -122,7 +122,7 @@ def test_seed_summary_and_p_value_match_an_independent_computation(seed_logs):
     assert f"val_bpb: mean {statistics.fmean(bpbs):.8f}  std {statistics.stdev(bpbs):.8f}" in out.stdout
     assert f"val_loss: mean {statistics.fmean(losses):.8f}  std {statistics.stdev(losses):.8f}" in out.stdout
     expected = scipy_stats.ttest_1samp(bpbs, reference - margin, alternative="less").pvalue
-    assert f"by > 0.0072135 bpb): t = " in out.stdout
+    assert "by > 0.0072135 bpb): t = " in out.stdout
     printed = float(re.search(r"by > 0\.0072135 bpb\): t = \S+, df = 2, p = (\S+)", out.stdout).group(1))
     assert printed == pytest.approx(expected, rel=1e-5)  # printed to 6 significant digits
     test = summarize.one_sided_t_test(bpbs, reference, margin)
@@ -163,7 +163,7 @@ def test_over_cap_mismatch_and_over_time_runs_are_flagged_and_left_out(seed_logs
     assert "FLAGGED: target-count mismatch: ttt_targets_scored:10" in row_of(out.stdout, "tiny_s2")
     assert row_of(out.stdout, "tiny_s3").endswith("ok")
     only = exact(logs / "tiny_s3.txt", "final_ttt")
-    assert f"seeds averaged: 1 of 3 (tiny_s3)" in out.stdout
+    assert "seeds averaged: 1 of 3 (tiny_s3)" in out.stdout
     assert f"val_bpb: mean {only[1]:.8f}  std -" in out.stdout
     assert "warning: tiny_s1 left out of the means: over the 16,000,000-byte cap" in out.stdout
     assert "warning: 1 seed(s) averaged; a record needs at least 3" in out.stdout
@@ -216,7 +216,7 @@ def test_new_fields_and_unknown_lines_change_nothing(seed_logs, tmp_path):
     (logs / "tiny_s1.txt").write_text(first + (seed_logs / "tiny_s1.txt").read_text())
     out = cli(logs)
     assert table(out.stdout)["tiny_s1"] == before["tiny_s1"]
-    assert f"holds 2 runs (a reused RUN_ID); only the last is read" in out.stdout
+    assert "holds 2 runs (a reused RUN_ID); only the last is read" in out.stdout
 
 
 def test_a_left_out_seed_is_warned_about(seed_logs, tmp_path):
