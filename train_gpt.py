@@ -1340,24 +1340,25 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
     if total > cap:
         log(f"!!! SIZE CAP EXCEEDED: {total} bytes is {total - cap} bytes over the {cap}-byte cap; "
             f"this artifact is not a valid submission !!!")
-        raise SizeCapExceeded(total)
+        raise SizeCapExceeded(f"SIZE_CAP_BYTES={cap}: code + artifact take {total} bytes, {total - cap} over the "
+                              f"cap; this is not a valid submission")
     return total
 
 
 def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameters, rt: Runtime, log) -> Path:
     """Builds and writes the artifact (rank 0); every rank returns its path, or raises SizeCapExceeded."""
     path = Path(ARTIFACT_NAME)
-    fits = torch.ones((), device=rt.device)
+    fits, error = torch.ones((), device=rt.device), SizeCapExceeded(f"SIZE_CAP_BYTES={args.size_cap_bytes}: over")
     if rt.master:
         try:
             blob = build_artifact(model.state_dict(), args, hessians, log)
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, path)
-        except SizeCapExceeded:
-            fits.zero_()
+        except SizeCapExceeded as e:
+            fits, error = fits.zero_(), e
     if rt.all_reduce(fits, dist.ReduceOp.MIN).item() == 0:  # every rank stops, not only the one that knows
-        raise SizeCapExceeded(args.size_cap_bytes)
+        raise error
     return path
 
 
@@ -1782,13 +1783,11 @@ def main() -> int:
     try:
         run(args, rt, log)
         rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
-    except (ConfigError, TargetCountMismatch) as e:  # a user mistake found mid-run (2), or a void score (4)
-        log(f"error: {e}", console=False)
+    except (ConfigError, SizeCapExceeded, TargetCountMismatch) as e:  # a user mistake found mid-run (2), no artifact
+        log(f"error: {e}", console=False)  # that fits the cap (3), a score over the wrong targets (4)
         if rt.master:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 4
-    except SizeCapExceeded:
-        return 3
+        return 2 if isinstance(e, ConfigError) else 3 if isinstance(e, SizeCapExceeded) else 4
     finally:
         log.close()
         rt.close()

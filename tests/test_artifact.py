@@ -516,6 +516,8 @@ def test_over_the_cap_the_run_exits_3_before_any_evaluation(corpus, tmp_path, ti
     assert not [line for line in run.log.splitlines() if line.startswith(("final_", "ttt_", "sliding_"))]
     assert not (run.cwd / "logs" / "over.submission.json").exists()
     assert "Traceback" not in run.proc.stderr
+    error = run.proc.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: SIZE_CAP_BYTES=1000: code + artifact take"), error
 
 
 def size_line(run, prefix: str) -> int:

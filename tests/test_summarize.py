@@ -185,7 +185,9 @@ def test_a_real_over_cap_run_is_shown_flagged_beside_its_seeds(seed_logs, capped
     total = int(logged(capped_log, r"^Total submission size \S+: (\d+) bytes"))
     row = table(out.stdout)["tiny_s4"]
     assert row["total"] == str(total) and row["ttt_bpb"] == row["prequant_bpb"] == "-"
-    assert row["flags"] == f"FLAGGED: over the 100,000-byte cap ({total:,} bytes); no final_ttt_exact line"
+    # the run's own `error: SIZE_CAP_BYTES=…` line is flagged too, between the two
+    assert row["flags"].startswith(f"FLAGGED: over the 100,000-byte cap ({total:,} bytes); error: SIZE_CAP_BYTES")
+    assert row["flags"].endswith("; no final_ttt_exact line")
     bpbs = [exact(seed_logs / f"tiny_s{s}.txt", "final_ttt")[1] for s in SEEDS]
     assert "seeds averaged: 3 of 4 (tiny_s1, tiny_s2, tiny_s3)" in out.stdout
     assert f"val_bpb: mean {statistics.fmean(bpbs):.8f}  std {statistics.stdev(bpbs):.8f}" in out.stdout
