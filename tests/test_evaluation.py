@@ -2,6 +2,7 @@
 equivalence, the time budget), 1 vs 2 processes (see test_training's twin runs)."""
 import math
 import re
+import shutil
 import time
 
 import numpy as np
@@ -351,3 +352,24 @@ def test_a_target_count_mismatch_stops_the_run_with_one_line(corpus, tmp_path, m
     log = (tmp_path / "logs" / "mismatch.txt").read_text().splitlines()
     assert not [line for line in log if line.startswith("final_")]
     assert not (tmp_path / "logs" / "mismatch.submission.json").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="inductor needs a C compiler")
+def test_priming_compiles_the_scoring_and_ttt_graphs_before_any_clock(tiny_args, tmp_path, monkeypatch):
+    """Compilation forced on (inductor on the CPU): priming compiles the training, scoring and TTT graphs, so
+    evaluating the artifact's fresh model compiles nothing new and no compile time lands on the eval clock."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.chdir(tmp_path)  # the artifact is written to the working folder
+    args = tiny_args(ITERATIONS=2, WARMUP_STEPS=1, TTT_EPOCHS=1, PREQUANT_EVAL=0)
+    rt = train_gpt.Runtime(args)
+    rt.compile = True
+    val = train_gpt.load_validation_tokens(args)
+    model = train_gpt.build_model(args)
+    lines = []
+    train_gpt.Trainer(args, rt, model, val, lines.append).run()
+    primed = counters["stats"]["unique_graphs"]
+    path = train_gpt.export_artifact(model, None, args, rt, lines.append)
+    train_gpt.evaluate_artifact(path, args, rt, val, lines.append)
+    assert [line for line in lines if line.startswith(("final_int6_lzma_roundtrip_exact", "final_ttt_exact"))]
+    assert counters["stats"]["unique_graphs"] == primed, "evaluation compiled a graph that priming should have"
