@@ -226,14 +226,14 @@ class Hyperparameters:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: the reserve must be "
                               f"shorter than the cap")
 
-    def training_cap_seconds(self, measured_reserve: float = 0.0) -> float:
+    def training_cap_seconds(self, reserve: float | None = None) -> float:
         """Seconds the training loop may run (0 = no cap): the cap, less what GPTQ calibration needs inside the
-        budget (GPTQ_RESERVE_SECONDS, or the reserve measured when it is auto)."""
+        budget (`reserve`, else GPTQ_RESERVE_SECONDS; auto counts 0 until measured)."""
         if self.max_wallclock_seconds <= 0:
             return 0.0
         if self.quant != "gptq":
             return self.max_wallclock_seconds
-        reserve = measured_reserve if self.gptq_reserve_seconds is None else self.gptq_reserve_seconds
+        reserve = (self.gptq_reserve_seconds or 0.0) if reserve is None else reserve
         return max(self.max_wallclock_seconds - reserve, 1e-3)
 
 
@@ -615,11 +615,11 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
-    component. Matmuls only: norms, RoPE, softmax and
-    the losses' elementwise work are left out. Attention is counted causally, as the kernels compute it: query i
-    meets i+1 keys, 4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the
-    backward of x @ W gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash
-    attention's recomputation in its backward is not counted (model FLOPs, the MFU convention)."""
+    component. Matmuls only: norms, RoPE, softmax and the losses' elementwise work are left out. Attention is
+    counted causally, as the kernels compute it: query i meets i+1 keys, 4 FLOPs per key and channel (QK^T and
+    AV). Training is forward + backward = 3x forward (the backward of x @ W gives both dx and dW), except SIGReg's
+    projection on fixed directions (2x); flash attention's recomputation in its backward is not counted (model
+    FLOPs, the MFU convention)."""
     d, P, L, T, m = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult
     patches = T // P
     kv = args.num_kv_heads * (d // args.num_heads)
@@ -878,7 +878,7 @@ class SizeEstimate:
         self.worker = ThreadPoolExecutor(max_workers=1)  # starts its thread on the first submit only
 
     def start(self, step: int, model: nn.Module):
-        state = {k: v.detach().clone() if not self.rt.cuda else v for k, v in model.state_dict().items()}
+        state = {k: v.detach() if self.rt.cuda else v.detach().clone() for k, v in model.state_dict().items()}
         if self.rt.cuda:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -919,7 +919,8 @@ class Trainer:
         self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
-        self.calibration_reserve = 0.0
+        self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
+        self.peak_flops, self.flops_per_byte = bf16_peak_flops(rt), sum(flops_per_byte(args, training=True).values())
 
     def step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
@@ -992,8 +993,8 @@ class Trainer:
     def throughput(self, step: int, elapsed_ms: float) -> str:
         """Training bytes per second, and MFU against the card's bf16 peak where the card is known."""
         bytes_per_s = step * self.args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
-        peak, flops = bf16_peak_flops(self.rt), sum(flops_per_byte(self.args, training=True).values())
-        mfu = f" mfu:{100.0 * flops * bytes_per_s / (peak * self.rt.world):.1f}%" if peak else ""
+        mfu = (f" mfu:{100.0 * self.flops_per_byte * bytes_per_s / (self.peak_flops * self.rt.world):.1f}%"
+               if self.peak_flops else "")
         return f" bytes_per_s:{bytes_per_s:.0f}{mfu}"
 
     def run(self) -> dict:
@@ -1739,8 +1740,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
         hessians = collect_hessians(model, trainer.loader, args, rt)
         rt.sync()
         calib_s = time.perf_counter() - t
-        reserve = trainer.calibration_reserve if args.gptq_reserve_seconds is None else args.gptq_reserve_seconds
-        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s (reserved {reserve:.2f}s)")
+        log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s "
+            f"(reserved {trainer.calibration_reserve:.2f}s)")
         used = facts["wallclock_seconds"] + calib_s
         if 0 < args.max_wallclock_seconds < used:  # the rules count calibration as training time
             log(f"warning: training + GPTQ calibration took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
