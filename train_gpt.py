@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: every knob, read from the environment, checked before any heavy work
@@ -116,7 +117,15 @@ class Hyperparameters:
         self.encoder_repeats = knob("ENCODER_REPEATS", 2, lo=1)  # depth recurrence: each block applied this often
         self.decoder_layers = knob("DECODER_LAYERS", 7, lo=1)
         self.decoder_heads = knob("DECODER_HEADS", 4, lo=1)
+        self.decoder_dim = knob("DECODER_DIM", None, int, lo=2) or self.model_dim  # byte decoder width; auto: MODEL_DIM
+        self.decoder_window = knob("DECODER_WINDOW", 0, lo=0)  # bytes a decoder position attends to; 0: the window
         self.latent_dim = knob("LATENT_DIM", 192, lo=1)  # JEPA latent, also the decoder's conditioning
+        self.latent_per_slot = knob("LATENT_PER_SLOT", False)  # one latent projection per byte slot (MegaByte)
+        self.latent_inject_layers = knob("LATENT_INJECT_LAYERS", 1, lo=1)  # decoder blocks fed the latent; 1: input
+        self.latent_norm = knob("LATENT_NORM", False)  # RMS-normalised latent into zero-initialised projections (H-Net)
+        self.ngram_buckets = knob("NGRAM_BUCKETS", 0, lo=0)  # hashed 2-4-gram embedding rows, patch and decoder; 0: off
+        self.ngram_dim = knob("NGRAM_DIM", None, int, lo=1) or max(self.model_dim // 4, 1)  # their width (BLT)
+        self.smear_gate = knob("SMEAR_GATE", False)  # decoder input mixes in the previous position's, gated
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
         self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)
@@ -204,10 +213,11 @@ class Hyperparameters:
                 raise ConfigError(f"{name}={value}: expected a multiple of world_size x grad_accum_steps x "
                                   f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
                                   f"{self.train_seq_len} = {per_step}")
-        for dim, heads, kv, label in ((self.model_dim, self.num_heads, self.num_kv_heads, "NUM_HEADS"),
-                                      (self.model_dim, self.decoder_heads, self.decoder_heads, "DECODER_HEADS")):
-            if dim % heads or (dim // heads) % 2:
-                raise ConfigError(f"MODEL_DIM={dim}, {label}={heads}: expected heads dividing MODEL_DIM into an "
+        for dim, heads, kv, label in (("MODEL_DIM", self.num_heads, self.num_kv_heads, "NUM_HEADS"),
+                                      ("DECODER_DIM", self.decoder_heads, self.decoder_heads, "DECODER_HEADS")):
+            width = self.decoder_dim if dim == "DECODER_DIM" else self.model_dim
+            if width % heads or (width // heads) % 2:
+                raise ConfigError(f"{dim}={width}, {label}={heads}: expected heads dividing {dim} into an "
                                   f"even head size (rotary embeddings rotate pairs)")
             if heads % kv:
                 raise ConfigError(f"NUM_HEADS={heads}, NUM_KV_HEADS={kv}: expected NUM_KV_HEADS dividing NUM_HEADS")
@@ -218,6 +228,9 @@ class Hyperparameters:
             if self.ttt_chunk_tokens % self.window:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
+        if self.latent_inject_layers > self.decoder_layers:
+            raise ConfigError(f"LATENT_INJECT_LAYERS={self.latent_inject_layers}: expected at most DECODER_LAYERS="
+                              f"{self.decoder_layers}")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
                               f"{self.num_layers}")
@@ -444,10 +457,39 @@ def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
+    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference."""
+    T = q.size(-2)
+    mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
+    return COMPILED_FLEX(q, k, v, block_mask=mask)
+
+
+COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)  # compiles at its first call only
+
+
+def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Exact causal attention of (B, H, T, D) where query i sees keys i-window+1..i (window >= T: all of them).
+    On CUDA, FlexAttention; elsewhere each block of `window` queries attends to its own and the previous block's
+    keys under a mask, which is exact and also costs T x window."""
+    B, H, T, D = q.shape
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.is_cuda:
+        return flex_window_attention(q, k, v, window)
+    n = -(-T // window)
+    q, k, v = (F.pad(t, (0, 0, 0, n * window - T)).view(B, H, n, window, D) for t in (q, k, v))
+    k, v = (torch.cat((F.pad(t, (0, 0, 0, 0, 1, 0))[:, :, :-1], t), dim=3) for t in (k, v))  # previous block first
+    i = torch.arange(window, device=q.device)[:, None] + window  # query positions within the 2-block span
+    j = torch.arange(2 * window, device=q.device)
+    visible = (j <= i) & (i - j < window) & ((torch.arange(n, device=q.device) > 0)[:, None, None] | (j >= window))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible).view(B, H, n * window, D)[:, :, :T]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float, window: int = 0):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim, self.window = heads, kv_heads, dim // heads, window
         self.q = CastedLinear(dim, dim)
         self.k = CastedLinear(dim, kv_heads * self.head_dim)
         self.v = CastedLinear(dim, kv_heads * self.head_dim)
@@ -467,7 +509,7 @@ class CausalSelfAttention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = local_causal_attention(q, k, v, self.window or T)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -485,9 +527,10 @@ class Block(nn.Module):
     """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
     stream with the stack's input x0."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float):
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float,
+                 window: int = 0):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, heads, kv_heads, rope_base, qk_gain_init)
+        self.attn = CausalSelfAttention(dim, heads, kv_heads, rope_base, qk_gain_init, window)
         self.mlp = MLP(dim, mlp_mult)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -511,6 +554,44 @@ class LatentHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(F.silu(self.fc(rms_norm(x))))
+
+
+def ngram_buckets(ids: Tensor, buckets: int) -> Tensor:
+    """(B, L) bytes -> (B, L, 3): the hash buckets of the 2-, 3- and 4-gram ending at each byte (polynomial hash
+    mod 2^31-1, salted by the order; bytes before the window count as BOS)."""
+    h, out = ids.long(), []
+    for n in range(2, 5):
+        h = (h * 1_000_003 + F.pad(ids[:, :1 - n], (n - 1, 0), value=BOS_ID)) % 2_147_483_647
+        out.append((h + n * 7_919) % buckets)
+    return torch.stack(out, dim=-1)
+
+
+class HashedNgrams(nn.Module):
+    """BLT's hashed byte n-gram embeddings: the summed rows of the 2-, 3- and 4-gram ending at each byte,
+    projected to the consumer's width from zero (so switching them on starts from the model without them)."""
+
+    def __init__(self, buckets: int, width: int, dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, width)
+        self.proj = CastedLinear(width, dim, zero_init=True)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.table(ngram_buckets(ids, self.buckets)).sum(-2))
+
+
+class SmearGate(nn.Module):
+    """x_i + g_i x_{i-1}: a learned, input-dependent share of the previous position's input (modded-nanogpt),
+    starting closed, and shut where the input byte is BOS: no document starts with its predecessor's last byte."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.mix = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        gate = self.mix.to(x.dtype) * torch.sigmoid(x @ self.weight.to(x.dtype)) * (ids != BOS_ID)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
 def sigreg(z: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
@@ -540,8 +621,9 @@ def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) ->
 class ByteJEPA(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        d, V, P, L = args.model_dim, args.vocab_size, args.patch_size, args.latent_dim
-        self.patch_size = P
+        d, V, P, L, dd = args.model_dim, args.vocab_size, args.patch_size, args.latent_dim, args.decoder_dim
+        self.patch_size, self.latent_norm, self.latent_per_slot = P, args.latent_norm, args.latent_per_slot
+        cond = P * dd if args.latent_per_slot else dd  # per patch: one vector per byte slot, or one for all
         self.byte_emb = nn.Embedding(V, d)
         self.slot_pos = nn.Parameter(torch.randn(P, d) * 0.02)
         self.patch_proj = CastedLinear(P * d, d)
@@ -551,16 +633,27 @@ class ByteJEPA(nn.Module):
         self.projector = LatentHead(d, args.mlp_mult * d, L)
         self.predictor = LatentHead(d, args.mlp_mult * d, L)
         self.start_latent = nn.Parameter(torch.zeros(L))
-        self.dec_emb = nn.Embedding(V, d)
-        self.latent_in = CastedLinear(L, d)
-        self.dec_blocks = nn.ModuleList(Block(d, args.decoder_heads, args.decoder_heads, args.mlp_mult,
-                                              args.rope_base, args.qk_gain_init) for _ in range(args.decoder_layers))
-        self.head = CastedLinear(d, V, zero_init=True)
+        self.dec_emb = nn.Embedding(V, dd)
+        self.latent_in = CastedLinear(L, cond, zero_init=args.latent_norm)
+        self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, args.rope_base,
+                                              args.qk_gain_init, args.decoder_window)
+                                        for _ in range(args.decoder_layers))
+        self.head = CastedLinear(dd, V, zero_init=True)
+        # created last, and only when on, so that their "off" values leave every other initial weight as it was
+        self.latent_inject = nn.ModuleList(CastedLinear(L, cond, zero_init=True)
+                                           for _ in range(args.latent_inject_layers - 1))
+        self.patch_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, d) if args.ngram_buckets else None
+        self.dec_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, dd) if args.ngram_buckets else None
+        self.smear = SmearGate(dd) if args.smear_gate else None
 
     def embed_patches(self, ids: Tensor) -> Tensor:
-        """(B, L) bytes -> (B, L/P, d): each slot's byte + position vector normalised, concatenated, projected."""
+        """(B, L) bytes -> (B, L/P, d): each slot's byte (+ n-grams ending there) + position vector normalised,
+        concatenated, projected."""
         B, L = ids.shape
-        x = self.byte_emb(ids).view(B, L // self.patch_size, self.patch_size, -1) + self.slot_pos
+        x = self.byte_emb(ids)
+        if self.patch_ngrams is not None:
+            x = x + self.patch_ngrams(ids)
+        x = x.view(B, L // self.patch_size, self.patch_size, -1) + self.slot_pos
         return self.patch_proj(rms_norm(x).flatten(2))
 
     def encode(self, patches: Tensor) -> Tensor:
@@ -571,16 +664,31 @@ class ByteJEPA(nn.Module):
                 x = block(x, patches)
         return rms_norm(x)
 
+    def conditioning(self, latents: Tensor) -> list[Tensor]:
+        """(B, N, latent) -> one (B, N*P, dd) input per fed decoder block: computed once per patch, then
+        expanded to its bytes (the same vector for each, or each slot's own part)."""
+        B, N, _ = latents.shape
+        latents = rms_norm(latents) if self.latent_norm else latents
+        conds = [proj(latents) for proj in (self.latent_in, *self.latent_inject)]
+        if self.latent_per_slot:
+            return [c.view(B, N * self.patch_size, -1) for c in conds]
+        return [c.repeat_interleave(self.patch_size, dim=1) for c in conds]
+
     def decode(self, ids: Tensor, predicted: Tensor) -> Tensor:
-        """Decoder states (B, L, d). Byte i of patch p reads byte i-1 (BOS for i = 0) and the latent predicted
+        """Decoder states (B, L, dd). Byte i of patch p reads byte i-1 (BOS for i = 0) and the latent predicted
         from patches < p (the start latent for p = 0), so its state depends on bytes < i only."""
         B, L = ids.shape
         start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
-        cond = self.latent_in(torch.cat((start, predicted[:, :-1]), dim=1))  # once per patch, then expanded
+        conds = self.conditioning(torch.cat((start, predicted[:, :-1]), dim=1))
         prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
-        x = x0 = self.dec_emb(prev) + cond.repeat_interleave(self.patch_size, dim=1)
-        for block in self.dec_blocks:
-            x = block(x, x0)
+        x = self.dec_emb(prev) + conds[0]
+        if self.dec_ngrams is not None:
+            x = x + self.dec_ngrams(prev)
+        if self.smear is not None:
+            x = self.smear(x, prev)
+        x0 = x
+        for i, block in enumerate(self.dec_blocks):
+            x = block(x + conds[i] if 0 < i < len(conds) else x, x0)
         return rms_norm(x)
 
     def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -620,21 +728,24 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     AV). Training is forward + backward = 3x forward (the backward of x @ W gives both dx and dW), except SIGReg's
     projection on fixed directions (2x); flash attention's recomputation in its backward is not counted (model
     FLOPs, the MFU convention)."""
-    d, P, L, T, m = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult
-    patches = T // P
+    d, P, L, T, m, dd = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
+    patches, W = T // P, min(args.decoder_window or T, T)
     kv = args.num_kv_heads * (d // args.num_heads)
     causal_pairs = lambda n: n * (n + 1) / 2
     encoder_apps = args.num_layers * args.encoder_repeats
     head_hidden = 2 * (d * m * d + m * d * L)  # LatentHead: d -> m*d -> L
+    conditioning = args.latent_inject_layers * 2 * L * dd * (T if args.latent_per_slot else patches)
     f = dict(
         patch_embedding=2 * P * d * d * patches,
         encoder_blocks=encoder_apps * patches * 2 * (2 * d * d + 2 * d * kv + 2 * m * d * d),
         encoder_attention=encoder_apps * 4 * d * causal_pairs(patches),
         jepa_heads=patches * head_hidden,
-        decoder_blocks=2 * L * d * patches + args.decoder_layers * T * 2 * (4 * d * d + 2 * m * d * d),
-        decoder_attention=args.decoder_layers * 4 * d * causal_pairs(T),
-        output_head=2 * d * args.vocab_size * (T - 1 if training else T),  # training scores positions 1..
+        decoder_blocks=conditioning + args.decoder_layers * T * 2 * (4 * dd * dd + 2 * m * dd * dd),
+        decoder_attention=args.decoder_layers * 4 * dd * (causal_pairs(W) + (T - W) * W),  # query i: min(i+1, W)
+        output_head=2 * dd * args.vocab_size * (T - 1 if training else T),  # training scores positions 1..
     )
+    if args.ngram_buckets:
+        f["ngram_embeddings"] = 2 * args.ngram_dim * (d + dd) * T
     if training:
         f = {k: 3 * v for k, v in f.items()}
         f["jepa_heads"] += 3 * patches * head_hidden + 2 * 2 * patches * L * args.sigreg_slices  # projector, SIGReg
@@ -754,7 +865,7 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors.
     Every group remembers its base learning rate for the schedule."""
-    embed = [model.byte_emb.weight, model.dec_emb.weight, model.slot_pos]
+    embed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] + [model.slot_pos]
     head = [model.head.weight]
     chosen = {id(p) for p in embed + head}
     matrices = [p for m in model.modules() if isinstance(m, CastedLinear) for p in [m.weight] if id(p) not in chosen]
@@ -1648,8 +1759,12 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
         log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
 
 
-def log_flops(args: Hyperparameters, log) -> None:
-    """FLOPs per target byte by component; totals with and without attention (flop_counter skips it on CPU)."""
+def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
+    """FLOPs per target byte by component; totals with and without attention (flop_counter skips it on CPU);
+    the decoder attention's span and kernel."""
+    kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
+    window = args.decoder_window if 0 < args.decoder_window < args.window else 0
+    log(f"decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
     totals, linear = {}, {}
     for kind, training in (("train", True), ("eval", False)):
         parts = flops_per_byte(args, training)
@@ -1730,7 +1845,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     model = build_model(args).to(rt.device)
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))
     log(f"model_params:{sum(p.numel() for p in model.parameters())} (stored: {stored})")
-    log_flops(args, log)
+    log_flops(args, rt, log)
     trainer = Trainer(args, rt, model, val_tokens, log)
     facts.update(trainer.run())
     hessians = None

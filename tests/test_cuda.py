@@ -39,6 +39,23 @@ def test_compiled_bf16_logits_match_a_float32_math_reference(tiny_args):
     assert err.mean().item() < 0.02 * scale and err.max().item() < 0.25 * scale, (err.mean().item(), scale)
 
 
+def test_flex_window_attention_matches_dense_masked_sdpa_with_gradients():
+    """The decoder's CUDA kernel at the default's head size: FlexAttention's sliding-window block mask against
+    dense SDPA under the same mask, values and gradients, in bf16."""
+    T, window = 2048, 512
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 120, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    i = torch.arange(T, device="cuda")
+    mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = train_gpt.local_causal_attention(q, k, v, window)
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+    for got, want in zip(torch.autograd.grad(out.float().square().sum(), (q, k, v)),
+                         torch.autograd.grad(reference.float().square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
 def test_full_default_model_trains_in_bf16(tmp_path):
     """The full default model, one process (8 accumulation steps a step), compile on, random bytes, 30 steps with a
     warmdown over the last 10: late QAT switches on for the last step or two, as on a real run's tail."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY, randomize
+from conftest import TINY, randomize, realistic
 
 
 def test_default_parameter_count_matches_reference(monkeypatch):
@@ -37,6 +37,129 @@ def test_logits_for_byte_i_depend_only_on_earlier_bytes(tiny_args, mode):
         assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
         if j + 1 < args.window:
             assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"
+
+
+# every issue-9 knob on, at a decoder width of its own; its window (16) is shorter than the 64-byte window
+REBALANCED = dict(DECODER_DIM=24, DECODER_LAYERS=3, DECODER_WINDOW=16, LATENT_PER_SLOT=1, LATENT_INJECT_LAYERS=3,
+                  LATENT_NORM=1, NGRAM_BUCKETS=97, NGRAM_DIM=6, SMEAR_GATE=1)
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+@pytest.mark.parametrize("window", [0, 16])
+def test_rebalanced_decoder_is_causal(tiny_args, patch, window):
+    """Every knob on, patches of 4 and 8, decoder window on and off: changing byte j leaves the logits of
+    positions <= j bit-identical and moves position j+1, for every j (a BOS in the window exercises the smear
+    gate's shut position)."""
+    args = tiny_args(**dict(REBALANCED, PATCH_SIZE=patch, DECODER_WINDOW=window))
+    model = randomize(train_gpt.build_model(args)).eval()
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(1))
+    ids[:, 21] = train_gpt.BOS_ID
+    base = model.forward_logits(ids).detach()
+    for j in range(args.window):
+        changed = ids.clone()
+        changed[:, j] = (changed[:, j] + 101 - 4) % 256 + 4
+        out = model.forward_logits(changed).detach()
+        assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
+        if j + 1 < args.window:
+            assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"
+
+
+def test_knobs_off_reproduce_the_reference_model(tiny_args):
+    """With every issue-9 knob at its off value, the model is the one before them, bit for bit: values
+    recorded from commit 5d1224c (same seed, same inputs; the zero-initialised matrices given the same
+    Gaussian values by `realistic`)."""
+    args = tiny_args(DECODER_DIM=32, DECODER_WINDOW=0, LATENT_PER_SLOT=0, LATENT_INJECT_LAYERS=1, LATENT_NORM=0,
+                     NGRAM_BUCKETS=0, SMEAR_GATE=0)
+    model = realistic(train_gpt.build_model(args))
+    assert sum(p.numel() for p in model.parameters()) == 58_774
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model.forward_logits(ids)
+        ce, mse, reg = model(ids, train_gpt.sigreg_directions(args.latent_dim, 16, 5, torch.device("cpu")))
+    assert logits.sum().item() == pytest.approx(-7.687495708465576, rel=1e-4)
+    assert logits.abs().sum().item() == pytest.approx(2996.312255859375, rel=1e-5)
+    assert logits[0, 5, :3].tolist() == pytest.approx([0.11958751, -0.04945107, -0.01601493], rel=1e-4)
+    assert (ce.item(), mse.item(), reg.item()) == pytest.approx((5.572495937, 0.067343249, 0.185410514), rel=1e-5)
+
+
+@pytest.mark.parametrize("T,window", [(64, 16), (70, 16), (64, 1), (64, 63), (64, 64), (64, 200)])
+def test_local_attention_matches_dense_masked_attention(T, window):
+    """Values and gradients of the blockwise path equal dense SDPA under the sliding-window causal mask."""
+    g = torch.Generator().manual_seed(T + window)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, requires_grad=True) for _ in range(3))
+    i = torch.arange(T)
+    mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = train_gpt.local_causal_attention(q, k, v, window)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad((out * reference.detach()).sum(), (q, k, v))
+    expected = torch.autograd.grad((reference * reference.detach()).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_window_attention_matches_dense_masked_attention():
+    """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU."""
+    T, window = 256, 48
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 16, generator=g) for _ in range(3))
+    i = torch.arange(T)
+    mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.no_grad():
+        torch.testing.assert_close(train_gpt.flex_window_attention(q, k, v, window), reference, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_ngram_buckets_hash_exactly_the_bytes_ending_at_each_position():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 260, (2, 40), generator=g)
+    buckets = train_gpt.ngram_buckets(ids, 1000)
+    assert buckets.shape == (2, 40, 3) and buckets.min() >= 0 and buckets.max() < 1000
+    for t in (0, 1, 3, 17, 39):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] - 3) % 256 + 4
+        moved = (train_gpt.ngram_buckets(changed, 1000) != buckets).any(0)  # (40, 3)
+        for n in (2, 3, 4):  # the n-gram ending at s covers s-n+1..s
+            covers = [t <= s < t + n for s in range(40)]
+            assert moved[:, n - 2].tolist() == covers, (t, n)
+    # bytes before the window read as BOS; a byte's n-grams do not depend on where the window starts
+    padded = torch.cat((torch.full((2, 3), train_gpt.BOS_ID), ids), dim=1)
+    assert torch.equal(train_gpt.ngram_buckets(padded, 1000)[:, 3:], buckets)
+    assert torch.equal(train_gpt.ngram_buckets(ids[:, 5:], 1000)[:, 3:], buckets[:, 8:])
+
+
+def test_smear_gate_starts_closed_and_stays_shut_at_document_starts():
+    gate = train_gpt.SmearGate(4)
+    x = torch.randn(1, 6, 4)
+    ids = torch.tensor([[9, 9, train_gpt.BOS_ID, 9, 9, 9]])
+    assert torch.equal(gate(x, ids), x)
+    with torch.no_grad():
+        gate.mix.fill_(0.5)
+        gate.weight.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    out = gate(x, ids)
+    share = 0.5 * torch.sigmoid(x[0] @ gate.weight)
+    for i in range(6):
+        expected = x[0, i] if i == 0 or i == 2 else x[0, i] + share[i] * x[0, i - 1]
+        torch.testing.assert_close(out[0, i], expected)
+
+
+def test_latent_conditioning_per_slot_and_injected(tiny_args):
+    """Per slot: slot s of patch p receives part s of its patch's projection. Injected layers get their own
+    zero-initialised projections; with LATENT_NORM the input projection starts at zero too."""
+    args = tiny_args(DECODER_LAYERS=2, LATENT_PER_SLOT=1, LATENT_INJECT_LAYERS=2, LATENT_NORM=1)
+    model = train_gpt.build_model(args)
+    assert not model.latent_in.weight.any() and not model.latent_inject[0].weight.any()
+    randomize(model)
+    latents = torch.randn(1, 3, args.latent_dim)
+    conds = model.conditioning(latents)
+    assert len(conds) == 2 and conds[0].shape == (1, 3 * args.patch_size, 32)
+    normed = train_gpt.rms_norm(latents)
+    for p in range(3):
+        parts = model.latent_in(normed[:, p]).view(args.patch_size, 32)
+        torch.testing.assert_close(conds[0][0, p * args.patch_size:(p + 1) * args.patch_size], parts)
+    shared = train_gpt.build_model(tiny_args(LATENT_PER_SLOT=0, LATENT_INJECT_LAYERS=1, LATENT_NORM=0))
+    assert torch.equal(shared.conditioning(latents)[0][0, :4], shared.latent_in(latents)[0, :1].expand(4, -1))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "train_qat"])
@@ -179,23 +302,28 @@ def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]
     return (counter.get_total_flops() - attention) / per_byte, attention / per_byte
 
 
-@pytest.mark.parametrize("size", ["tiny", "default"])
+@pytest.mark.parametrize("size", ["tiny", "default", "rebalanced"])
 @pytest.mark.parametrize("training", [True, False])
 def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
     if size == "default":
         for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
             monkeypatch.delenv(key, raising=False)
         args = train_gpt.Hyperparameters()
-    else:
-        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2)  # grouped-query attention in the encoder
+    else:  # grouped-query attention in the encoder
+        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **(REBALANCED if size == "rebalanced" else {}))
     analytic = train_gpt.flops_per_byte(args, training)
     attention = analytic["encoder_attention"] + analytic["decoder_attention"]
     linear, counted_attention = counted_flops(args, training)
     assert linear == pytest.approx(sum(analytic.values()) - attention, rel=0.01)
-    # the counter's dense attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries
-    patches, T = args.window // args.patch_size, args.window
-    dense = (analytic["encoder_attention"] * 2 * patches / (patches + 1) +
-             analytic["decoder_attention"] * 2 * T / (T + 1))
+    # the counter's dense encoder attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries; the
+    # decoder's is T^2 keys, or with a window W, blocks of W queries against 2W keys (the analytic count is the
+    # causal window's: query i meets min(i+1, W) keys)
+    patches, T, W = args.window // args.patch_size, args.window, args.decoder_window
+    keys = T * T if not W else -(-T // W) * W * 2 * W
+    decoder = (3 if training else 1) * args.decoder_layers * 4 * args.decoder_dim * keys / args.train_seq_len
+    windowed = sum(min(i + 1, W or T) for i in range(T))
+    assert analytic["decoder_attention"] == pytest.approx(decoder / keys * windowed)
+    dense = analytic["encoder_attention"] * 2 * patches / (patches + 1) + decoder
     assert counted_attention == pytest.approx(dense, rel=0.01)
 
 

@@ -271,3 +271,24 @@ def test_calibration_past_the_budget_is_flagged(corpus, tmp_path):
     assert reserve > 1.0 and calibration.endswith(f"(reserved {reserve:.2f}s)")
     train_s = auto.value("stopping_early: wallclock_cap", "train_time") / 1000
     assert train_s <= max(2.0 - reserve, 0.0) + 0.5, (train_s, reserve)
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_rebalanced_model_runs_end_to_end_at_4096_bytes(tmp_path, patch):
+    """TRAIN_SEQ_LEN=4095 with every compute-allocation knob on: training, the artifact, sliding windows with a
+    stride of 512 and TTT over chunks of two windows, each scoring every validation byte once; the log states the
+    decoder attention's kernel and counts the n-gram embeddings' FLOPs."""
+    from conftest import write_corpus
+    corpus = write_corpus(tmp_path / "corpus", train_docs=600, val_docs=120)
+    env = tiny_env(corpus, TRAIN_SEQ_LEN=4095, PATCH_SIZE=patch, TRAIN_BATCH_TOKENS=32760, VAL_BATCH_SIZE=32760,
+                   ITERATIONS=3, VAL_SLIDING_STRIDE=512, SLIDING_EVAL=1, TTT_CHUNK_TOKENS=8192, DECODER_DIM=24,
+                   DECODER_LAYERS=2, DECODER_WINDOW=64, LATENT_PER_SLOT=1, LATENT_INJECT_LAYERS=2, LATENT_NORM=1,
+                   NGRAM_BUCKETS=97, SMEAR_GATE=1)
+    run = run_script(tmp_path / "run", env, run_id="long")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert run.lines("decoder_attention: window:64 kernel:sdpa (blocks of the window, masked)")
+    assert "ngram_embeddings:" in run.lines("flops_train_components:")[0]
+    targets = train_gpt.load_data_shard(corpus / "fineweb_val_000000.bin").size - 1
+    for label in ("sliding", "ttt"):
+        assert run.lines(f"{label}_targets_scored:{targets} expected:{targets} ok"), label
+        assert run.value(f"final_{label}_exact", "val_bpb") < 9.0
