@@ -128,7 +128,13 @@ class Hyperparameters:
         self.smear_gate = knob("SMEAR_GATE", False)  # decoder input mixes in the previous position's, gated
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
-        self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)
+        self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)  # reference 4-5
+        self.rope_fraction = knob("ROPE_FRACTION", 1.0, lo=0.0, hi=1.0)  # share of each head's dims rotated; ref. 0.25
+        self.xsa_layers = knob("XSA_LAYERS", 0, lo=0)  # last blocks of encoder and decoder with XSA; reference 4 of 11
+        self.ln_scale = knob("LN_SCALE", False)  # block l of a stack reads its normalised input / sqrt(l+1); ref. on
+        self.unet_skips = knob("UNET_SKIPS", False)  # gated skips, first half of a stack to its mirror; reference on
+        self.logit_softcap = knob("LOGIT_SOFTCAP", 0.0, lo=0.0)  # logits c*tanh(logits/c); 0 = off; reference 30
+        self.ortho_init = knob("ORTHO_INIT", False)  # orthogonal init of the non-zero linear weights; reference on
         self.sigreg_slices = knob("SIGREG_SLICES", 256, lo=1)  # random 1-D projections per step
         self.ce_weight = knob("CE_WEIGHT", 3.0, lo=0.0)
         self.jepa_weight = knob("JEPA_WEIGHT", 0.5, lo=0.0)
@@ -144,6 +150,9 @@ class Hyperparameters:
         self.iterations = knob("ITERATIONS", 20_000, lo=0)
         self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
         self.warmdown_iters = knob("WARMDOWN_ITERS", 3500, lo=0)  # linear LR decay over this many steps' worth
+        # with a cap: the warmdown's share of the training time; auto: WARMDOWN_ITERS steps' worth; reference 0.72
+        self.warmdown_frac = knob("WARMDOWN_FRAC", None, float, lo=0.0, hi=1.0)
+        self.lr_floor = knob("LR_FLOOR", 0.0, lo=0.0, hi=1.0)  # LR scale at the warmdown's end; reference 0.1
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
         self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
         self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only
@@ -153,16 +162,23 @@ class Hyperparameters:
         self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
         self.head_lr = knob("HEAD_LR", 0.02, lo=0.0)  # Adam: output head
         self.scalar_lr = knob("SCALAR_LR", 0.025, lo=0.0)  # Adam: scales, mixes, gains, start latent
-        self.muon_momentum = knob("MUON_MOMENTUM", 0.99, lo=0.0, hi=1.0)
+        self.muon_momentum = knob("MUON_MOMENTUM", 0.99, lo=0.0, hi=1.0)  # reference 0.97
         self.muon_momentum_warmup_start = knob("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0.0, hi=1.0)
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
+        self.muon_row_norm = knob("MUON_ROW_NORM", False)  # MuonEq-R: rows at unit norm before Newton-Schulz; ref. on
+        # decoupled (w *= 1 - lr*wd): Muon matrices, embeddings, head; never control tensors; reference 0.04
+        self.weight_decay = knob("WEIGHT_DECAY", 0.0, lo=0.0)
+        ramp = knob("JEPA_RAMP", "", str)  # "start,end": fractions of training with the JEPA terms on; ref. 0.33,0.67
+        self.jepa_ramp = tuple(_parse("JEPA_RAMP", v, float) for v in ramp.split(",")) if ramp else ()
+        if ramp and not (len(self.jepa_ramp) == 2 and 0 <= self.jepa_ramp[0] < self.jepa_ramp[1] <= 1):
+            raise ConfigError(f"JEPA_RAMP={ramp!r}: expected 'start,end', fractions with 0 <= start < end <= 1")
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
         # weight averaging and late QAT
         self.weight_avg = knob("WEIGHT_AVG", "ema", str, choices=("ema", "swa", "none"))
-        self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)
+        self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)  # reference 0.9965
         self.swa_every = knob("SWA_EVERY", 50, lo=1)
         self.swa_start_scale = knob("SWA_START_SCALE", 0.2, lo=0.0, hi=1.0)
         self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.15, lo=0.0, hi=1.0)  # LR scale below which QAT runs
@@ -416,7 +432,7 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
 # Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder
 # -----------------------------------------------------------------------------------------------------------------
 
-CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain")  # kept in fp32 in the artifact
+CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_gates")  # kept in fp32 in the artifact
 TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stored in the artifact
 
 
@@ -448,13 +464,14 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotary position embedding over (B, H, T, D). Tables are computed per call: a cache would outlive the
-    inference-mode evaluation that filled it and then meet autograd."""
+    """Rotary position embedding over (B, H, T, D), of the first 2 x len(inv_freq) dims of each head (partial RoPE:
+    the rest carry no position). Tables are computed per call: a cache would outlive the inference-mode evaluation
+    that filled it and then meet autograd."""
     t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
     angles = torch.outer(t, inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    x1, x2 = x[..., :2 * inv_freq.numel()].chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * inv_freq.numel():]), dim=-1)
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
@@ -487,15 +504,17 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tens
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float, window: int = 0):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float, window: int = 0,
+                 rope_fraction: float = 1.0, xsa: bool = False):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.window = heads, kv_heads, dim // heads, window
+        self.heads, self.kv_heads, self.head_dim, self.window, self.xsa = heads, kv_heads, dim // heads, window, xsa
         self.q = CastedLinear(dim, dim)
         self.k = CastedLinear(dim, kv_heads * self.head_dim)
         self.v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
-        inv_freq = 1.0 / rope_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        rotated = 2 * max(1, round(self.head_dim * rope_fraction / 2))  # at least one pair
+        inv_freq = 1.0 / rope_base ** (torch.arange(0, rotated, 2, dtype=torch.float32) / rotated)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -510,6 +529,9 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         y = local_causal_attention(q, k, v, self.window or T)
+        if self.xsa:  # XSA: less the output's component along the token's own value (what the others add stays)
+            v = F.normalize(v, dim=-1)
+            y = y - (y * v).sum(-1, keepdim=True) * v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -525,22 +547,21 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
-    stream with the stack's input x0."""
+    stream with the stack's input x0; both branches read the normalised stream times norm_scale (LN_SCALE)."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float,
-                 window: int = 0):
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, **attn):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, heads, kv_heads, rope_base, qk_gain_init, window)
+        self.attn = CausalSelfAttention(dim, heads, kv_heads, **attn)
         self.mlp = MLP(dim, mlp_mult)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, norm_scale: float = 1.0) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * norm_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
 
 
 class LatentHead(nn.Module):
@@ -627,17 +648,19 @@ class ByteJEPA(nn.Module):
         self.byte_emb = nn.Embedding(V, d)
         self.slot_pos = nn.Parameter(torch.randn(P, d) * 0.02)
         self.patch_proj = CastedLinear(P * d, d)
-        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.num_kv_heads, args.mlp_mult, args.rope_base,
-                                          args.qk_gain_init) for _ in range(args.num_layers))
+        attn = dict(rope_base=args.rope_base, qk_gain_init=args.qk_gain_init, rope_fraction=args.rope_fraction)
+        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.num_kv_heads, args.mlp_mult, **attn,
+                                          xsa=i >= args.num_layers - args.xsa_layers) for i in range(args.num_layers))
         self.encoder_repeats = args.encoder_repeats
         self.projector = LatentHead(d, args.mlp_mult * d, L)
         self.predictor = LatentHead(d, args.mlp_mult * d, L)
         self.start_latent = nn.Parameter(torch.zeros(L))
         self.dec_emb = nn.Embedding(V, dd)
         self.latent_in = CastedLinear(L, cond, zero_init=args.latent_norm)
-        self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, args.rope_base,
-                                              args.qk_gain_init, args.decoder_window)
-                                        for _ in range(args.decoder_layers))
+        n = args.decoder_layers
+        self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, **attn,
+                                              window=args.decoder_window, xsa=i >= n - args.xsa_layers)
+                                        for i in range(n))
         self.head = CastedLinear(dd, V, zero_init=True)
         # created last, and only when on, so that their "off" values leave every other initial weight as it was
         self.latent_inject = nn.ModuleList(CastedLinear(L, cond, zero_init=True)
@@ -645,6 +668,10 @@ class ByteJEPA(nn.Module):
         self.patch_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, d) if args.ngram_buckets else None
         self.dec_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, dd) if args.ngram_buckets else None
         self.smear = SmearGate(dd) if args.smear_gate else None
+        apps = args.num_layers * args.encoder_repeats  # U-Net skips: per-channel gates, opened at 1
+        self.enc_skip_gates = nn.Parameter(torch.ones(apps // 2, d)) if args.unet_skips else None
+        self.dec_skip_gates = nn.Parameter(torch.ones(n // 2, dd)) if args.unet_skips else None
+        self.ln_scale, self.softcap = args.ln_scale, args.logit_softcap
 
     def embed_patches(self, ids: Tensor) -> Tensor:
         """(B, L) bytes -> (B, L/P, d): each slot's byte (+ n-grams ending there) + position vector normalised,
@@ -658,11 +685,21 @@ class ByteJEPA(nn.Module):
 
     def encode(self, patches: Tensor) -> Tensor:
         """Causal encoder over patches; its output at patch p has seen bytes of patches <= p only."""
-        x = patches
-        for _ in range(self.encoder_repeats):
-            for block in self.blocks:
-                x = block(x, patches)
-        return rms_norm(x)
+        return rms_norm(self.stack(list(self.blocks) * self.encoder_repeats, patches, self.enc_skip_gates))
+
+    def stack(self, blocks: list[Block], x: Tensor, gates: Tensor | None, inputs: list[Tensor] = ()) -> Tensor:
+        """Blocks in order over x (also their x0); inputs[i] (i > 0) joins before block i. U-Net skips (gates): block
+        i of the first half adds its output, times gates[i], to the input of its mirror n-1-i. LN_SCALE: block l
+        reads its normalised input / sqrt(l+1)."""
+        x0, outputs, n = x, [], len(blocks)
+        for i, block in enumerate(blocks):
+            if 0 < i < len(inputs):
+                x = x + inputs[i]
+            if gates is not None and i >= n - n // 2:
+                x = x + gates[n - 1 - i].to(x.dtype) * outputs[n - 1 - i]
+            x = block(x, x0, (i + 1) ** -0.5 if self.ln_scale else 1.0)
+            outputs.append(x)
+        return x
 
     def conditioning(self, latents: Tensor) -> list[Tensor]:
         """(B, N, latent) -> one (B, N*P, dd) input per fed decoder block: computed once per patch, then
@@ -686,10 +723,7 @@ class ByteJEPA(nn.Module):
             x = x + self.dec_ngrams(prev)
         if self.smear is not None:
             x = self.smear(x, prev)
-        x0 = x
-        for i, block in enumerate(self.dec_blocks):
-            x = block(x + conds[i] if 0 < i < len(conds) else x, x0)
-        return rms_norm(x)
+        return rms_norm(self.stack(list(self.dec_blocks), x, self.dec_skip_gates, conds))
 
     def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The one forward path: patch embeddings, predicted next-patch latents, decoder states."""
@@ -699,13 +733,18 @@ class ByteJEPA(nn.Module):
 
     def forward_logits(self, ids: Tensor) -> Tensor:
         """(B, L) ids, L a multiple of PATCH_SIZE -> (B, L, V) float logits; position i predicts ids[:, i]."""
-        return self.head(self.hidden_states(ids)[2]).float()
+        return self.logits(self.hidden_states(ids)[2])
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Float logits of decoder states; with LOGIT_SOFTCAP c, c*tanh(logits/c), bounded and smooth."""
+        z = self.head(h).float()
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     def forward(self, ids: Tensor, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Training terms on windows (B, L): mean byte CE over positions 1.. (position 0 is context only), and,
         given SIGReg directions, the JEPA prediction MSE and SIGReg of the targets (else zeros)."""
         patches, predicted, h = self.hidden_states(ids)
-        logits = self.head(h[:, 1:]).float()
+        logits = self.logits(h[:, 1:])
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
         if directions is None:
             zero = ce.new_zeros(())
@@ -718,7 +757,12 @@ class ByteJEPA(nn.Module):
 def build_model(args: Hyperparameters) -> ByteJEPA:
     """The model on CPU in float32, initialised from SEED."""
     torch.manual_seed(args.seed)
-    return ByteJEPA(args)
+    model = ByteJEPA(args)
+    if args.ortho_init:  # zero-initialised projections stay zero
+        for m in model.modules():
+            if isinstance(m, CastedLinear) and m.weight.any():
+                nn.init.orthogonal_(m.weight)
+    return model
 
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
@@ -835,11 +879,14 @@ def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then orthogonalised updates for 2-D weights. Rank r orthogonalises parameters
-    r, r+W, r+2W, ...; one all-reduce of a flat buffer gives every rank every update."""
+    """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), then orthogonalised updates for 2-D weights,
+    after decoupled weight decay. Rank r orthogonalises parameters r, r+W, r+2W, ...; one all-reduce of a flat
+    buffer gives every rank every update."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime, weight_decay: float = 0.0,
+                 row_norm: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay, row_norm=row_norm))
         self.rt = rt
 
     @torch.no_grad()
@@ -852,29 +899,34 @@ class Muon(torch.optim.Optimizer):
                 if i % self.rt.world == self.rt.rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]),
-                                                         group["backend_steps"])
+                    g = p.grad.add(buf, alpha=group["momentum"])
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7) if group["row_norm"] else g
+                    update = newton_schulz_orthogonalize(g, group["backend_steps"])
                     update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall matrices
                     flat[offset:offset + p.numel()] = update.flatten().float()
                 offset += p.numel()
             self.rt.all_reduce(flat)
             updates = flat.split([p.numel() for p in params])
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
 
 
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors.
-    Every group remembers its base learning rate for the schedule."""
+    """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors, decoupled
+    weight decay on all but the control tensors. Every group remembers its base learning rate for the schedule."""
     embed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] + [model.slot_pos]
     head = [model.head.weight]
     chosen = {id(p) for p in embed + head}
     matrices = [p for m in model.modules() if isinstance(m, CastedLinear) for p in [m.weight] if id(p) not in chosen]
     chosen |= {id(p) for p in matrices}
     scalars = [p for p in model.parameters() if id(p) not in chosen]
-    adam = torch.optim.Adam([dict(params=embed, lr=args.embed_lr), dict(params=head, lr=args.head_lr),
-                             dict(params=scalars, lr=args.scalar_lr)],
-                            betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=rt.cuda)
-    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, rt)
+    wd = dict(weight_decay=args.weight_decay)
+    adam = torch.optim.Adam([dict(params=embed, lr=args.embed_lr, **wd), dict(params=head, lr=args.head_lr, **wd),
+                             dict(params=scalars, lr=args.scalar_lr)], betas=(args.beta1, args.beta2),
+                            eps=args.adam_eps, fused=rt.cuda, decoupled_weight_decay=True)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, rt, args.weight_decay,
+                args.muon_row_norm)
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -888,15 +940,26 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
-    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the
-    warmdown lasts WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to the knobs' cap."""
+    """1 until the warmdown, then linear to LR_FLOOR: by steps without a cap, by remaining wallclock with one (the
+    warmdown lasts WARMDOWN_FRAC of the cap, or WARMDOWN_ITERS steps at the step time measured so far). cap_ms
+    defaults to the knobs' cap."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
         start = args.iterations - args.warmdown_iters
-        return max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        s = max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
+    else:
+        by_steps = args.warmdown_iters * elapsed_ms / max(step, 1)
+        warmdown_ms = by_steps if args.warmdown_frac is None else args.warmdown_frac * cap_ms
+        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+        s = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return args.lr_floor + (1.0 - args.lr_floor) * s
+
+
+def jepa_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float) -> float:
+    """1 while the JEPA terms train: always, or inside JEPA_RAMP's share of training (of ITERATIONS without a cap,
+    of the cap's time with one); else 0."""
+    done = elapsed_ms / cap_ms if cap_ms > 0 else step / max(args.iterations, 1)
+    return float(not args.jepa_ramp or args.jepa_ramp[0] <= done < args.jepa_ramp[1])
 
 
 def muon_momentum(step: int, args: Hyperparameters) -> float:
@@ -1033,8 +1096,9 @@ class Trainer:
         self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
         self.peak_flops, self.flops_per_byte = bf16_peak_flops(rt), sum(flops_per_byte(args, training=True).values())
 
-    def step(self, step: int, scale: float) -> Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
+    def step(self, step: int, scale: float, jepa: float = 1.0) -> Tensor:
+        """One optimizer step over grad_accum_steps micro-batches, the JEPA terms weighted x jepa; returns the mean
+        byte CE on this rank."""
         args, accum = self.args, self.args.grad_accum_steps
         directions = sigreg_directions(args.latent_dim, args.sigreg_slices, args.seed + step, self.rt.device)
         ce_total = torch.zeros((), device=self.rt.device)
@@ -1042,7 +1106,7 @@ class Trainer:
             ids = self.loader.next_batch()
             with self.rt.autocast():
                 ce, mse, reg = self.loss_fn(ids, directions)
-            loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
+            loss = args.ce_weight * ce + jepa * args.jepa_weight * mse + jepa * args.sigreg_weight * reg
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
         all_reduce_grads(self.params, self.rt)
@@ -1142,7 +1206,7 @@ class Trainer:
                 set_late_qat(self.model, True)
                 qat_on = True
                 log(f"late_qat: on at step:{step} lr_scale:{scale:.4f}")
-            ce = self.step(step, scale)
+            ce = self.step(step, scale, jepa_scale(step, shared_ms, args, cap_ms))
             step += 1
             averager.update(step, scale)
             if rt.master and step == min(100, max(args.iterations // 10, 1)):  # early, past the first big moves

@@ -292,3 +292,17 @@ def test_rebalanced_model_runs_end_to_end_at_4096_bytes(tmp_path, patch):
     for label in ("sliding", "ttt"):
         assert run.lines(f"{label}_targets_scored:{targets} expected:{targets} ok"), label
         assert run.value(f"final_{label}_exact", "val_bpb") < 9.0
+
+
+# every issue-10 knob at its off value, spelled out
+RECIPE_OFF = dict(XSA_LAYERS=0, ROPE_FRACTION=1.0, LN_SCALE=0, UNET_SKIPS=0, LOGIT_SOFTCAP=0, ORTHO_INIT=0,
+                  WEIGHT_DECAY=0, WARMDOWN_FRAC="auto", LR_FLOOR=0, MUON_ROW_NORM=0, JEPA_RAMP="")
+
+
+def test_recipe_knobs_off_reproduce_the_reference_training(corpus, tmp_path):
+    """Model, optimizer and schedule with every issue-10 knob off: the run logs what commit 5d1224c logged
+    (train loss to its 4 printed decimals; the round trip's bpb within what CPU kernels vary by)."""
+    run = run_script(tmp_path, tiny_env(corpus, TTT_ENABLED=0, QUANT="rtn", **RECIPE_OFF), run_id="off")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert run.lines("step:12/12 train_loss:1.6995 ")
+    assert run.value("final_int6_lzma_roundtrip_exact", "val_bpb") == pytest.approx(3.86623237, abs=2e-4)
