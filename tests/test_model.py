@@ -1,4 +1,6 @@
 """Model: the reference's parameter count, causality through forward_logits, the pieces' numerics."""
+import math
+
 import pytest
 import torch
 
@@ -302,7 +304,7 @@ def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]
     return (counter.get_total_flops() - attention) / per_byte, attention / per_byte
 
 
-@pytest.mark.parametrize("size", ["tiny", "default", "rebalanced"])
+@pytest.mark.parametrize("size", ["tiny", "default", "rebalanced", "recipe"])
 @pytest.mark.parametrize("training", [True, False])
 def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
     if size == "default":
@@ -310,7 +312,7 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
             monkeypatch.delenv(key, raising=False)
         args = train_gpt.Hyperparameters()
     else:  # grouped-query attention in the encoder
-        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **(REBALANCED if size == "rebalanced" else {}))
+        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **dict(rebalanced=REBALANCED, recipe=RECIPE).get(size, {}))
     analytic = train_gpt.flops_per_byte(args, training)
     attention = analytic["encoder_attention"] + analytic["decoder_attention"]
     linear, counted_attention = counted_flops(args, training)
@@ -339,3 +341,141 @@ def test_default_flops_per_byte_by_hand(monkeypatch):
     assert f["decoder_attention"] == pytest.approx(7 * 4 * d * 2048 * 2049 / 2 / 2047)
     train = sum(train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=True).values())
     assert round(train / 1e6, 1) == 135.0
+
+
+
+# every issue-10 model knob on (the decoder deep enough for a U-Net skip); none adds a matmul (XSA, gates and the
+# soft-cap are elementwise), which the flop-counter test above checks
+RECIPE = dict(XSA_LAYERS=1, ROPE_FRACTION=0.25, LN_SCALE=1, UNET_SKIPS=1, LOGIT_SOFTCAP=30, ORTHO_INIT=1,
+              DECODER_LAYERS=3)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_xsa_removes_the_component_along_the_own_value(kv_heads):
+    """XSA: each head's output is the plain attention output less its projection on the token's own value
+    (grouped-query heads use their group's value), so it is orthogonal to that value."""
+    plain = randomize(train_gpt.CausalSelfAttention(32, 4, kv_heads, 10000.0, 1.5))
+    xsa = train_gpt.CausalSelfAttention(32, 4, kv_heads, 10000.0, 1.5, xsa=True)
+    xsa.load_state_dict(plain.state_dict())
+    for m in (plain, xsa):
+        m.proj.weight.data = torch.eye(32)  # the output projection passes the heads' outputs through
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, out = (m(x).view(2, 10, 4, 8) for m in (plain, xsa))
+        v = xsa.v(x).view(2, 10, kv_heads, 8).repeat_interleave(4 // kv_heads, dim=2)
+    v = v / v.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out, y - (y * v).sum(-1, keepdim=True) * v)
+    assert (out * v).sum(-1).abs().max() < 1e-5 < 1e-2 < (y * v).sum(-1).abs().max()
+
+
+def test_xsa_layers_are_the_last_blocks_of_each_stack(tiny_args):
+    model = train_gpt.build_model(tiny_args(**dict(RECIPE, XSA_LAYERS=2)))
+    assert [b.attn.xsa for b in model.blocks] == [True, True]
+    assert [b.attn.xsa for b in model.dec_blocks] == [False, True, True]
+    off = train_gpt.build_model(tiny_args(XSA_LAYERS=0))
+    assert not any(b.attn.xsa for b in [*off.blocks, *off.dec_blocks])
+
+
+def test_partial_rope_rotates_the_leading_dims_only(tiny_args):
+    """ROPE_FRACTION=0.25 of a 16-dim head: 4 dims rotated with the frequencies of a 4-dim head, 12 untouched."""
+    attn = train_gpt.build_model(tiny_args(ROPE_FRACTION=0.25)).blocks[0].attn
+    assert attn.head_dim == 16
+    torch.testing.assert_close(attn.inv_freq, 1.0 / 10000 ** (torch.arange(0, 4, 2).float() / 4))
+    x = torch.randn(2, 3, 12, 16)
+    out = train_gpt.apply_rotary(x, attn.inv_freq)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert torch.equal(out[..., :4], train_gpt.apply_rotary(x[..., :4].contiguous(), attn.inv_freq))
+    assert not torch.allclose(out[..., :4], x[..., :4])
+
+
+
+def block_calls(model, ids):
+    """(block, its input, what its attention read, its output) for every block application, in order."""
+    blocks, reads = [], []
+    stacks = [*model.blocks, *model.dec_blocks]
+    handles = [b.register_forward_hook(lambda b, a, out: blocks.append((b, a[0], out))) for b in stacks]
+    handles += [b.attn.register_forward_pre_hook(lambda m, a: reads.append(a[0])) for b in stacks]
+    with torch.no_grad():
+        model.forward_logits(ids)
+    for h in handles:
+        h.remove()
+    return [(b, x, read, out) for (b, x, out), read in zip(blocks, reads)]
+
+
+def test_ln_scale_and_unet_skips_over_the_unrolled_stacks(tiny_args):
+    """LN_SCALE: application l of a stack (the encoder's blocks unrolled over its repeats) reads its normalised
+    input / sqrt(l+1). UNET_SKIPS: application i of the first half adds its output, times its gate, to the input of
+    its mirror n-1-i (encoder: 4 applications, 2 skips; decoder: 3 blocks, 1 skip, the middle block left out).
+    With closed gates and LN_SCALE off, the model is the one without them, bit for bit."""
+    args = tiny_args(LN_SCALE=1, UNET_SKIPS=1, DECODER_LAYERS=3)
+    model = randomize(train_gpt.build_model(args)).eval()
+    assert model.enc_skip_gates.shape == (2, 32) and model.dec_skip_gates.shape == (1, 32)
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(4))
+    calls = block_calls(model, ids)
+    assert len(calls) == 4 + 3
+    for stack, gates in ((calls[:4], model.enc_skip_gates), (calls[4:], model.dec_skip_gates)):
+        n, x0 = len(stack), stack[0][1]
+        for i, (block, x, read, out) in enumerate(stack):
+            mix = block.resid_mix
+            torch.testing.assert_close(read, train_gpt.rms_norm(mix[0] * x + mix[1] * x0) / math.sqrt(i + 1))
+            if i >= n - n // 2:
+                torch.testing.assert_close(x, stack[i - 1][3] + gates[n - 1 - i] * stack[n - 1 - i][3])
+            elif i:
+                assert torch.equal(x, stack[i - 1][3])
+    plain = train_gpt.build_model(tiny_args(LN_SCALE=0, UNET_SKIPS=0, DECODER_LAYERS=3))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "skip_gates" not in k})
+    model.ln_scale = False
+    with torch.no_grad():
+        model.enc_skip_gates.zero_()
+        model.dec_skip_gates.zero_()
+        assert torch.equal(model.forward_logits(ids), plain.forward_logits(ids))
+
+
+def test_logit_softcap_bounds_the_logits_smoothly(tiny_args):
+    """LOGIT_SOFTCAP=c: the logits are c*tanh(z/c) of the uncapped ones, in training and evaluation alike."""
+    args = tiny_args(LOGIT_SOFTCAP=2.0)
+    capped = randomize(train_gpt.build_model(args), std=1.0)
+    plain = train_gpt.build_model(tiny_args(LOGIT_SOFTCAP=0))
+    plain.load_state_dict(capped.state_dict())
+    ids = torch.randint(4, 260, (2, args.window))
+    with torch.no_grad():
+        z, out = plain.forward_logits(ids), capped.forward_logits(ids)
+        ce = capped(ids)[0]
+    assert z.abs().max() > 4.0 and out.abs().max() <= 2.0
+    torch.testing.assert_close(out, 2.0 * torch.tanh(z / 2.0))
+    expected = torch.nn.functional.cross_entropy(out[:, 1:].reshape(-1, 260), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(ce, expected)
+
+
+def test_ortho_init_makes_every_nonzero_matrix_orthogonal(tiny_args):
+    """ORTHO_INIT: linear weights have orthonormal rows (or columns, when taller than wide); zero-initialised
+    ones stay zero, and everything else is initialised as without it."""
+    ortho, plain = (train_gpt.build_model(tiny_args(ORTHO_INIT=on)) for on in (1, 0))
+    checked = 0
+    for (name, m), other in zip(ortho.named_modules(), plain.modules()):
+        if isinstance(m, train_gpt.CastedLinear) and other.weight.any():
+            w = m.weight.double()
+            gram = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
+            torch.testing.assert_close(gram, torch.eye(gram.size(0), dtype=torch.double), atol=1e-5, rtol=0)
+            checked += 1
+        elif isinstance(m, train_gpt.CastedLinear):
+            assert not m.weight.any(), name
+    assert checked >= 10
+    linear = {f"{name}.weight" for name, m in plain.named_modules() if isinstance(m, train_gpt.CastedLinear)}
+    for k, v in plain.state_dict().items():
+        assert k in linear or torch.equal(ortho.state_dict()[k], v), k
+
+
+def test_recipe_model_is_causal(tiny_args):
+    """Every issue-10 model knob on: the logits of positions <= j do not move when byte j changes."""
+    args = tiny_args(**RECIPE)
+    model = randomize(train_gpt.build_model(args)).eval()
+    ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(1))
+    base = model.forward_logits(ids).detach()
+    for j in range(args.window):
+        changed = ids.clone()
+        changed[:, j] = (changed[:, j] + 101 - 4) % 256 + 4
+        out = model.forward_logits(changed).detach()
+        assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
+        if j + 1 < args.window:
+            assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import run_script, tiny_env
+from conftest import randomize, run_script, tiny_env
 
 
 def train_losses(run) -> dict[int, float]:
@@ -42,6 +42,58 @@ def test_gptq_reserve_shortens_the_training_cap(tiny_args):
     assert tiny_args(MAX_WALLCLOCK_SECONDS=600, QUANT="gptq", GPTQ_RESERVE_SECONDS=20).training_cap_seconds() == 580
     assert tiny_args(MAX_WALLCLOCK_SECONDS=600, QUANT="rtn", GPTQ_RESERVE_SECONDS=20).training_cap_seconds() == 600
     assert tiny_args(MAX_WALLCLOCK_SECONDS=0).training_cap_seconds() == 0
+
+
+def test_warmdown_fraction_and_lr_floor(tiny_args):
+    """With a cap, WARMDOWN_FRAC sets the warmdown's share of the capped time, whatever the step time; without
+    one, WARMDOWN_ITERS still does. LR_FLOOR: the warmdown runs linearly from 1 down to the floor."""
+    args = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC=0.75, LR_FLOOR=0.1, ITERATIONS=100, WARMDOWN_ITERS=20)
+    assert train_gpt.lr_scale(10, 2499.0, args) == 1.0
+    for step in (1, 300):  # the measured step time does not matter
+        assert train_gpt.lr_scale(step, 6250.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train_gpt.lr_scale(400, 10_000.0, args) == pytest.approx(0.1)
+    args = tiny_args(MAX_WALLCLOCK_SECONDS=0, WARMDOWN_FRAC=0.75, LR_FLOOR=0.1, ITERATIONS=100, WARMDOWN_ITERS=20)
+    assert train_gpt.lr_scale(79, 0.0, args) == 1.0
+    assert train_gpt.lr_scale(90, 0.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train_gpt.lr_scale(100, 0.0, args) == pytest.approx(0.1)
+
+
+def test_jepa_ramp_turns_the_jepa_terms_on_in_its_share_of_training(tiny_args):
+    args = tiny_args(JEPA_RAMP="0.25,0.5", ITERATIONS=100)
+    assert [train_gpt.jepa_scale(s, 0.0, args, 0.0) for s in (0, 24, 25, 49, 50, 99)] == [0, 0, 1, 1, 0, 0]
+    assert [train_gpt.jepa_scale(1, ms, args, 8000.0) for ms in (1999.0, 2000.0, 3999.0, 4000.0)] == [0, 1, 1, 0]
+    assert train_gpt.jepa_scale(0, 0.0, tiny_args(JEPA_RAMP=""), 0.0) == 1.0
+
+
+def test_jepa_ramp_off_trains_exactly_as_without_the_jepa_terms(corpus, tmp_path):
+    """A ramp that never starts within the run's 12 steps gives the losses of JEPA and SIGReg weights 0: the terms'
+    weights are what the schedule multiplies."""
+    common = dict(TTT_ENABLED=0, QUANT="rtn", ITERATIONS=12, PREQUANT_EVAL=0, ROUNDTRIP_EVAL=0)
+    late = run_script(tmp_path / "late", tiny_env(corpus, JEPA_RAMP="0.95,1", **common), run_id="late")
+    none = run_script(tmp_path / "none", tiny_env(corpus, JEPA_WEIGHT=0, SIGREG_WEIGHT=0, **common), run_id="none")
+    on = run_script(tmp_path / "on", tiny_env(corpus, **common), run_id="on")
+    for run in (late, none, on):
+        assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert train_losses(late) == train_losses(none) != train_losses(on)
+
+
+def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
+    """WEIGHT_DECAY is decoupled: a step with zero gradients shrinks Muon's matrices, the embeddings and the head by
+    (1 - lr wd) and leaves the control tensors (gains, scales, mixes, skip gates, start latent) as they were."""
+    args = tiny_args(WEIGHT_DECAY=0.5, UNET_SKIPS=1, DECODER_LAYERS=2)
+    model = randomize(train_gpt.build_model(args))
+    optimizers = train_gpt.build_optimizers(model, args, cpu_runtime)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        opt.step()
+    lr = {id(p): g["lr"] for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    controls = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_gates", "start_latent")
+    for name, p in model.named_parameters():
+        factor = 1.0 if any(c in name for c in controls) else 1 - 0.5 * lr[id(p)]
+        torch.testing.assert_close(p.detach(), factor * before[name], msg=name)
+    assert sum(any(c in name for c in controls) for name in before) >= 10
 
 
 def test_muon_momentum_warms_up_linearly(tiny_args):
@@ -83,22 +135,27 @@ def reference_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 40)])
-def test_muon_steps_match_nesterov_momentum_then_newton_schulz(cpu_runtime, shape):
+@pytest.mark.parametrize("row_norm,wd", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_muon_steps_match_nesterov_momentum_then_newton_schulz(cpu_runtime, shape, row_norm, wd):
     """Three steps with momentum 0.9 and changing gradients against the textbook update: buf = m buf + g,
-    update = orthogonalise(g + m buf) (Nesterov), p -= lr * sqrt(max(1, rows / cols)) * update."""
+    n = g + m buf (Nesterov), with row_norm (MuonEq-R) each row of n divided by its norm, update = orthogonalise(n),
+    p = (1 - lr wd) p - lr * sqrt(max(1, rows / cols)) * update (decoupled weight decay)."""
     lr, m = 0.05, 0.9
     g = torch.Generator().manual_seed(1)
     start = torch.randn(*shape, generator=g)
     p = torch.nn.Parameter(start.clone())
-    opt = train_gpt.Muon([p], lr=lr, momentum=m, backend_steps=5, rt=cpu_runtime)
+    opt = train_gpt.Muon([p], lr=lr, momentum=m, backend_steps=5, rt=cpu_runtime, weight_decay=wd, row_norm=row_norm)
     expected, buf = start.double(), torch.zeros(shape, dtype=torch.float64)
     for _ in range(3):
         grad = torch.randn(*shape, generator=g)
+        grad[0] *= 50  # one loud output row: row normalisation changes the update
         p.grad = grad.clone()
         opt.step()
         buf = m * buf + grad.double()
-        update = reference_newton_schulz(grad.double() + m * buf) * max(1.0, shape[0] / shape[1]) ** 0.5
-        expected = expected - lr * update
+        nesterov = grad.double() + m * buf
+        nesterov = nesterov / nesterov.norm(dim=1, keepdim=True) if row_norm else nesterov
+        update = reference_newton_schulz(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
+        expected = (1 - lr * wd) * expected - lr * update
         torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=2e-5)
 
 
@@ -299,10 +356,15 @@ RECIPE_OFF = dict(XSA_LAYERS=0, ROPE_FRACTION=1.0, LN_SCALE=0, UNET_SKIPS=0, LOG
                   WEIGHT_DECAY=0, WARMDOWN_FRAC="auto", LR_FLOOR=0, MUON_ROW_NORM=0, JEPA_RAMP="")
 
 
+# logged by commit 5d1224c, before issue 10, in the run below
+REFERENCE_LOSSES = [5.5607, 5.1366, 4.5829, 3.9854, 3.3212, 2.8084, 2.3895, 2.1161, 1.9485, 1.8042, 1.7250, 1.6995]
+
+
 def test_recipe_knobs_off_reproduce_the_reference_training(corpus, tmp_path):
     """Model, optimizer and schedule with every issue-10 knob off: the run logs what commit 5d1224c logged
-    (train loss to its 4 printed decimals; the round trip's bpb within what CPU kernels vary by)."""
+    (every step's train loss to its 4 printed decimals; the bpb within what CPU kernels vary by, seen equal)."""
     run = run_script(tmp_path, tiny_env(corpus, TTT_ENABLED=0, QUANT="rtn", **RECIPE_OFF), run_id="off")
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
-    assert run.lines("step:12/12 train_loss:1.6995 ")
+    assert train_losses(run) == dict(enumerate(REFERENCE_LOSSES, start=1))
+    assert run.value("final_prequant_exact", "val_bpb") == pytest.approx(3.86624076, abs=2e-4)
     assert run.value("final_int6_lzma_roundtrip_exact", "val_bpb") == pytest.approx(3.86623237, abs=2e-4)
