@@ -167,7 +167,8 @@ class Hyperparameters:
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_row_norm = knob("MUON_ROW_NORM", False)  # MuonEq-R: rows at unit norm before Newton-Schulz; ref. on
-        # decoupled (w *= 1 - lr*wd): Muon matrices, embeddings, head; never control tensors; reference 0.04
+        # decoupled (w *= 1 - lr*wd) on Muon's matrices, the embeddings and the head; not on gains, scales, mixes, skip
+        # gates and the start latent (Adam's scalar group); reference 0.04
         self.weight_decay = knob("WEIGHT_DECAY", 0.0, lo=0.0)
         ramp = knob("JEPA_RAMP", "", str)  # "start,end": fractions of training with the JEPA terms on; ref. 0.33,0.67
         self.jepa_ramp = tuple(_parse("JEPA_RAMP", v, float) for v in ramp.split(",")) if ramp else ()
@@ -687,7 +688,7 @@ class ByteJEPA(nn.Module):
         """Causal encoder over patches; its output at patch p has seen bytes of patches <= p only."""
         return rms_norm(self.stack(list(self.blocks) * self.encoder_repeats, patches, self.enc_skip_gates))
 
-    def stack(self, blocks: list[Block], x: Tensor, gates: Tensor | None, inputs: list[Tensor] = ()) -> Tensor:
+    def stack(self, blocks: list[Block], x: Tensor, gates: Tensor | None, inputs: list[Tensor] | tuple = ()) -> Tensor:
         """Blocks in order over x (also their x0); inputs[i] (i > 0) joins before block i. U-Net skips (gates): block
         i of the first half adds its output, times gates[i], to the input of its mirror n-1-i. LN_SCALE: block l
         reads its normalised input / sqrt(l+1)."""
