@@ -1764,7 +1764,7 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
     the decoder attention's span and kernel."""
     kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
     window = args.decoder_window if 0 < args.decoder_window < args.window else 0
-    log(f"decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
+    log("decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
     totals, linear = {}, {}
     for kind, training in (("train", True), ("eval", False)):
         parts = flops_per_byte(args, training)

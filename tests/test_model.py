@@ -162,6 +162,26 @@ def test_latent_conditioning_per_slot_and_injected(tiny_args):
     assert torch.equal(shared.conditioning(latents)[0][0, :4], shared.latent_in(latents)[0, :1].expand(4, -1))
 
 
+def test_latent_reaches_the_first_inject_layers_blocks(tiny_args):
+    """Block 0 reads the byte embedding plus the input projection; blocks 1..LATENT_INJECT_LAYERS-1 read the
+    previous block's output plus their own projection; later blocks read the previous output alone."""
+    args = tiny_args(DECODER_LAYERS=3, LATENT_INJECT_LAYERS=2)
+    model = randomize(train_gpt.build_model(args)).eval()
+    inputs = []
+    for block in model.dec_blocks:
+        block.register_forward_hook(lambda m, a, out: inputs.append((a[0], out)))
+    ids = torch.randint(4, 260, (1, args.window), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, predicted, _ = model.hidden_states(ids)
+        start = model.start_latent.expand(1, 1, -1)
+        conds = model.conditioning(torch.cat((start, predicted[:, :-1]), dim=1))
+        prev = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=train_gpt.BOS_ID)
+    assert len(conds) == 2 and len(inputs) == 3
+    torch.testing.assert_close(inputs[0][0], model.dec_emb(prev) + conds[0])
+    torch.testing.assert_close(inputs[1][0], inputs[0][1] + conds[1])
+    torch.testing.assert_close(inputs[2][0], inputs[1][1])
+
+
 @pytest.mark.parametrize("mode", ["eval", "train", "train_qat"])
 def test_windows_of_one_batch_do_not_leak_into_each_other(tiny_args, mode):
     """Each row of a batch is its own window: changing every byte of one row leaves the other rows' logits
