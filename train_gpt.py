@@ -336,8 +336,7 @@ def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
 
 
 class TokenStream:
-    """The training shards read in order, cycling; `take(n)` returns the next n tokens. The next shard is read
-    (and checked) in a background thread while this one is consumed, so crossing shards does not stall a step."""
+    """Training shards in order, cycling; a background thread reads (and checks) the next while this one is consumed."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
         self.paths, self.vocab_size = paths, vocab_size
@@ -361,9 +360,8 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step every rank takes its own contiguous span of the stream; spans of successive ranks and
-    micro-steps tile the stream in the same order whatever the world size, so a global batch is the same bytes
-    on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
+    """Per micro-step, rank r takes the r-th of W contiguous spans of the stream, so a global batch is the same
+    bytes on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
 
     def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
         self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
@@ -389,7 +387,6 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
     if (out_dir / "tokenizer.json").is_file():
         return
     from pydoc_data.topics import topics  # the standard library's help texts
-
     docs = [encode_document(topics[k]) for k in sorted(topics)]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_shard(out_dir / "fineweb_val_000000.bin", np.concatenate(docs[:num_val_docs]))
