@@ -655,15 +655,13 @@ def check_device(args: Hyperparameters) -> None:
 
 
 class Runtime:
-    """Where this process runs: CUDA with NCCL and bf16 autocast, or CPU with gloo in float32. TF32 stays off:
-    the only float32 matmuls left under autocast (SIGReg, GPTQ Hessians) are meant to be exact."""
+    """CUDA (NCCL, bf16 autocast) or CPU (gloo, float32). TF32 stays off: SIGReg's and GPTQ's matmuls must be exact."""
 
     def __init__(self, args: Hyperparameters):
         self.rank, self.world = int(os.environ.get("RANK", 0)), args.world_size
         self.master = self.rank == 0
         self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
         self.host_group = None  # host-side collectives (the training clock) that must not wait on the GPU stream
@@ -688,6 +686,11 @@ class Runtime:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def now(self) -> float:
+        """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
+        self.sync()
+        return time.perf_counter()
+
     def close(self):
         self.host_group = None  # a process group outliving destroy_process_group aborts the interpreter's exit
         if self.world > 1 and dist.is_initialized():
@@ -700,10 +703,8 @@ def all_reduce_grads(params: list[Tensor], rt: Runtime) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = rt.all_reduce(torch.cat([g.flatten() for g in grads]))
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
+    for p, g, part in zip(params, grads, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(g)
 
 
 def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
@@ -733,18 +734,15 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
+            updates = flat.split([p.numel() for p in params])  # views: filled below, then summed over ranks
+            for i, (p, update) in enumerate(zip(params, updates)):
                 if i % self.rt.world == self.rt.rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]),
-                                                         group["backend_steps"])
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall matrices
-                    flat[offset:offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
+                    ortho = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]),
+                                                        group["backend_steps"])
+                    update.copy_(ortho.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5)  # same RMS for tall ones
             self.rt.all_reduce(flat)
-            updates = flat.split([p.numel() for p in params])
             torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
 
 
