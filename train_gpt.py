@@ -789,8 +789,7 @@ def muon_momentum(step: int, args: Hyperparameters) -> float:
 
 
 class WeightAverager:
-    """EMA of the weights every step, or SWA: the mean of snapshots every SWA_EVERY steps once the LR scale is
-    below SWA_START_SCALE. `apply` writes the average into the model (what gets exported)."""
+    """EMA of the weights, or SWA: the mean of snapshots every SWA_EVERY steps once lr_scale < SWA_START_SCALE."""
 
     def __init__(self, model: nn.Module, args: Hyperparameters):
         self.kind, self.args = args.weight_avg, args
@@ -829,27 +828,17 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
                     ("L40S", 362.0), ("B200", 2250.0))  # dense bf16 per card, by name; the first match wins
 
 
-def bf16_peak_flops(rt: Runtime) -> float | None:
-    """The card's dense bf16 peak (FLOP/s), or None for CPUs and cards not in the table (no MFU is printed)."""
-    if not rt.cuda:
-        return None
-    name = torch.cuda.get_device_name(rt.device)
-    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
-
-
 class SharedClock:
-    """Training milliseconds by the slowest rank's clock, read without draining the GPU: after queueing step n
-    the host waits for the end of step n-1 only (step n keeps the GPU busy meanwhile), reads its clock and takes
-    the maximum over ranks on a host-side group. Every rank gets the same value after the same step, so the LR
-    schedule, late QAT and the stop step agree on all ranks. On CUDA the value trails the GPU by at most a step."""
+    """Training ms by the slowest rank's clock, read without draining the GPU: after queueing step n the host waits
+    for step n-1 only, reads its clock and takes the maximum over ranks on a host-side group. All ranks get the same
+    value after the same step (one LR schedule, late QAT, stop step); on CUDA it trails the GPU by at most a step."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.pending = rt, None
 
     def read(self, elapsed_ms: float) -> float:
         if self.rt.cuda:
-            done = torch.cuda.Event()
-            done.record()
+            done = torch.cuda.current_stream().record_event()
             if self.pending is not None:
                 self.pending.synchronize()
             self.pending = done
@@ -859,14 +848,10 @@ class SharedClock:
         dist.all_reduce(clock, dist.ReduceOp.MAX, group=self.rt.host_group)
         return clock.item()
 
-    def restart(self):  # after a pause (validation) that drained the GPU
-        self.pending = None
-
 
 class SizeEstimate:
-    """Once, early in training, what the current weights would compress to (round-to-nearest int6 + LZMA), for
-    the person watching. Rank 0 copies them to pinned host memory on a side stream and a CPU thread compresses
-    them; the training stream waits for the copy only before its next optimizer step: no extra GPU work."""
+    """Once, early, what the weights would compress to (int6 round-to-nearest + LZMA), for the person watching: rank 0
+    copies them to pinned host memory on a side stream, a CPU thread compresses them: no extra GPU work."""
 
     def __init__(self, rt: Runtime, log, cap: int):
         self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
@@ -880,8 +865,7 @@ class SizeEstimate:
             with torch.cuda.stream(stream):
                 state = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                          for k, v in state.items()}
-                self.copied = torch.cuda.Event()
-                self.copied.record(stream)
+            self.copied = stream.record_event()
         self.future = self.worker.submit(self.report, step, state, self.copied)
 
     def report(self, step: int, state: dict[str, Tensor], copied):
@@ -915,7 +899,9 @@ class Trainer:
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
         self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
-        self.peak_flops, self.flops_per_byte = bf16_peak_flops(rt), sum(flops_per_byte(args, training=True).values())
+        card = torch.cuda.get_device_name(rt.device) if rt.cuda else ""  # CPUs and unknown cards: no MFU
+        self.peak_flops = next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in card), None)
+        self.flops_per_byte = sum(flops_per_byte(args, training=True).values())
 
     def step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
@@ -941,9 +927,8 @@ class Trainer:
         return ce_total / accum
 
     def prime(self):
-        """Before the clock: WARMUP_STEPS real steps (compilation, allocator, kernels; the last half with late QAT
-        on so its recompilation is done too), the evaluation and TTT graphs, and the GPTQ reserve's measurement;
-        then weights, optimizer state and data order are restored."""
+        """Before the clock: WARMUP_STEPS real steps (compilation, kernels; the last half with late QAT, to compile it
+        too), the evaluation and TTT graphs, the GPTQ reserve; then weights, optimizer state and data are restored."""
         args = self.args
         measure = args.quant == "gptq" and args.gptq_reserve_seconds is None and args.max_wallclock_seconds > 0
         if not (args.warmup_steps or self.rt.compile or measure):
@@ -968,29 +953,15 @@ class Trainer:
     def measure_calibration_reserve(self) -> float:
         """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
         for _ in range(2):  # the second is timed: the first pays for warm-up
-            self.rt.sync()
-            t = time.perf_counter()
+            t = self.rt.now()
             collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
-        self.rt.sync()
-        batch_s = torch.tensor(time.perf_counter() - t, device=self.rt.device)
+        batch_s = torch.tensor(self.rt.now() - t, device=self.rt.device)
         batch_s = self.rt.all_reduce(batch_s, dist.ReduceOp.MAX).item()  # one reserve for every rank
         reserve = 1.5 * self.args.gptq_calib_batches * batch_s + 1.0
         self.log(f"gptq_reserve: auto {reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
                  f"{self.args.gptq_calib_batches} batches x 1.5 + 1s)")
         self.model.train()
         return reserve
-
-    def validate(self, step: int, train_ms: float):
-        totals = evaluate_standard(self.model, self.val_tokens, self.args, self.rt)
-        self.log(f"step:{step}/{self.args.iterations} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f} "
-                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-
-    def throughput(self, step: int, elapsed_ms: float) -> str:
-        """Training bytes per second, and MFU against the card's bf16 peak where the card is known."""
-        bytes_per_s = step * self.args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
-        mfu = (f" mfu:{100.0 * self.flops_per_byte * bytes_per_s / (self.peak_flops * self.rt.world):.1f}%"
-               if self.peak_flops else "")
-        return f" bytes_per_s:{bytes_per_s:.0f}{mfu}"
 
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
@@ -1001,23 +972,20 @@ class Trainer:
         clock = SharedClock(rt)
         # shared_ms: training time by the slowest rank's clock, one schedule for all ranks
         train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
-        rt.sync()
-        t0 = time.perf_counter()
+        t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
             # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
             if (last and not args.prequant_eval) or (args.val_loss_every and step % args.val_loss_every == 0
                                                      and not last):
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)
-                self.validate(step, train_ms)
+                train_ms += 1000.0 * (rt.now() - t0)
+                val = evaluate_standard(self.model, self.val_tokens, args, rt)
+                log(f"step:{step}/{args.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
                 self.model.train()
-                rt.sync()
-                clock.restart()
-                t0 = time.perf_counter()
+                t0 = rt.now()
             if last:
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)
+                train_ms += 1000.0 * (rt.now() - t0)
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
                 break
@@ -1034,8 +1002,11 @@ class Trainer:
             if step % args.train_log_every == 0 or step <= 10:
                 ce = rt.all_reduce(ce) / rt.world
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+                bytes_per_s = step * args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
+                mfu = (f" mfu:{100.0 * self.flops_per_byte * bytes_per_s / (self.peak_flops * rt.world):.1f}%"
+                       if self.peak_flops else "")
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                    f"step_avg:{elapsed_ms / step:.2f}ms{self.throughput(step, elapsed_ms)}")
+                    f"step_avg:{elapsed_ms / step:.2f}ms bytes_per_s:{bytes_per_s:.0f}{mfu}")
             if cap_ms > 0:
                 shared_ms = clock.read(train_ms + 1000.0 * (time.perf_counter() - t0))
                 # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
