@@ -1038,18 +1038,10 @@ def stored_as_int6(name: str, t: Tensor) -> bool:
             and not any(c in name for c in CONTROL_TENSOR_NAMES))
 
 
-def qmax_of(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
 def row_scales(w: Tensor, quantile: float, qmax: int = QMAX) -> Tensor:
     """Per-row fp16 scales that map the row's `quantile` of |w| to qmax (all-zero rows get scale 1)."""
     clip = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1.0 else w.abs().amax(dim=1)
     return torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).half()
-
-
-def quantize_with_scales(w: Tensor, scales: Tensor, qmax: int = QMAX) -> Tensor:
-    return torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
 
 
 def dequantize(q: Tensor, scales: Tensor) -> Tensor:
@@ -1059,21 +1051,18 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
 def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
     """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
-    best = None
+    trials = []  # (error, q, scales)
     for quantile in CLIP_QUANTILES:
         scales = row_scales(w, quantile, qmax)
-        q = quantize_with_scales(w, scales, qmax)
-        err = (dequantize(q, scales) - w).square().sum().item()
-        if best is None or err < best[0]:
-            best = (err, q, scales)
-    return best[1], best[2]
+        q = torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
+        trials.append(((dequantize(q, scales) - w).square().sum().item(), q, scales))
+    return min(trials, key=lambda trial: trial[0])[1:]
 
 
 def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128,
                   damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """GPTQ: quantise columns one at a time (largest Hessian diagonal first) and push each column's rounding
-    error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs, so the
-    layer's outputs on calibration data move as little as possible. Scales are the RTN choice."""
+    """GPTQ: quantise columns one at a time (largest Hessian diagonal first), pushing each one's rounding error onto
+    later columns through the inverse Hessian, so the layer's outputs on calibration data move least. RTN's scales."""
     w = w.float().clone()
     _, scales = quantize_rtn(w, qmax)
     s = scales.float()[:, None]
@@ -1102,9 +1091,8 @@ def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128
 @torch.no_grad()
 def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
                      batches: int | None = None) -> dict[str, Tensor]:
-    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES (or `batches`) training
-    micro-batches per rank (training data only, as the rules require), averaged over all rows and ranks. The
-    q, k and v projections read the same input: one Hessian serves the three."""
+    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES (or `batches`) training micro-batches
+    per rank (training data only, as the rules require), averaged over rows and ranks; q, k and v share one."""
     int6 = {name: m for name, m in model.named_modules()
             if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
     shared = {name: name[:-1] + "q" for name in int6 if name.endswith((".k", ".v")) and name[:-1] + "q" in int6}
@@ -1134,9 +1122,8 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
 
 
 def quantize_matrix(w: Tensor, hessian: Tensor | None, bits: int = 6) -> dict:
-    """One stored matrix: {"q": int8 values in [-qmax, qmax], "scale": fp16 per row}, by GPTQ where a Hessian
-    is given, else round-to-nearest. The work runs where w is; the result is on the CPU."""
-    qmax = qmax_of(bits)
+    """{"q": int8 in [-qmax, qmax], "scale": fp16 per row} on the CPU; GPTQ given a Hessian, else RTN, on w's device."""
+    qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
     q, scales = quantize_gptq(w, hessian.to(w.device), qmax) if hessian is not None else quantize_rtn(w, qmax)
     return {"q": q.cpu(), "scale": scales.cpu()}
@@ -1152,26 +1139,15 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None 
             continue
         if stored_as_int6(name, t):
             out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
-        elif any(c in name for c in CONTROL_TENSOR_NAMES):
-            out[name] = t.cpu()
         else:
-            out[name] = t.half().cpu()
+            out[name] = t.cpu() if any(c in name for c in CONTROL_TENSOR_NAMES) else t.half().cpu()
     return out
-
-
-def dequantize_state(qstate: dict) -> dict[str, Tensor]:
-    return {name: dequantize(v["q"], v["scale"]) if isinstance(v, dict) else v.float() for name, v in qstate.items()}
 
 
 def serialize_artifact(qstate: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(qstate, buf)
     return lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, preset=9)
-
-
-def store_matrix(w: Tensor, hessian: Tensor | None, bits: int) -> dict | Tensor:
-    """A matrix at a width of the ladder: fp16 as it is, else quantised (int8, int6, int5, int4)."""
-    return w.detach().half().cpu() if bits == 16 else quantize_matrix(w, hessian, bits)
 
 
 def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
@@ -1196,12 +1172,10 @@ def entropy_bytes(entry: dict | Tensor) -> float:
 
 def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
                    log=print) -> bytes:
-    """The whole export: quantised (int6; GPTQ where Hessians are given), compressed, and rate-controlled so that
-    it fits SIZE_CAP_BYTES together with this script. While it does not, the matrices whose next width down the
-    ladder (fp16 -> int8 -> int6 -> int5 -> int4) adds the least relative error per byte saved are stepped down,
-    as many per step as the entropy estimate says the overshoot needs; every step is compressed, measured and
-    logged. Control tensors and vectors stay as they are. Raises SizeCapExceeded when even int4 everywhere does
-    not fit."""
+    """The export: int6 (GPTQ where Hessians are given) + LZMA, rate-controlled to fit SIZE_CAP_BYTES with this script:
+    while over, the matrices whose next width down (fp16 -> int8 -> int6 -> int5 -> int4) adds the least relative error
+    per byte saved step down, as many per step as the entropy estimate says the overshoot needs, each step measured and
+    logged. Raises SizeCapExceeded when even int4 everywhere does not fit."""
     code_bytes = len(Path(__file__).read_bytes())
     budget = args.size_cap_bytes - code_bytes
     state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
@@ -1210,8 +1184,7 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
     bits = {name: 6 if isinstance(v, dict) else 16 for name, v in qstate.items()
             if isinstance(v, dict) or (v.ndim == 2 and v.dtype == torch.float16)}
     errors = {name: quantization_error(state[name], qstate[name], hessians.get(name)) for name in bits}
-    blob, rung = serialize_artifact(qstate), 0
-    trials = {}  # name -> (entry one width down, its error)
+    blob, rung, trials = serialize_artifact(qstate), 0, {}  # trials: name -> (entry one width down, its error)
 
     def report(what: str):
         total, counts = len(blob) + code_bytes, sorted(collections.Counter(bits.values()).items(), reverse=True)
@@ -1228,7 +1201,7 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
             check_size(len(blob), code_bytes, log, args.size_cap_bytes)  # logs the sizes and raises
         for name in names:
             if name not in trials:
-                entry = store_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
+                entry = quantize_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
                 trials[name] = entry, quantization_error(state[name], entry, hessians.get(name))
         saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
         cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
@@ -1247,8 +1220,7 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
 
 
 def read_artifact(path: str | Path) -> dict:
-    """The artifact's quantised dict, checked against the format (see README); a damaged or foreign file is a
-    ConfigError that says what is wrong, never a decoder's traceback."""
+    """The artifact's quantised dict, checked against the format (README); a bad file is a one-line ConfigError."""
     where = f"EVAL_ONLY={path}"
     try:
         data = Path(path).read_bytes()
@@ -1287,8 +1259,9 @@ def read_artifact(path: str | Path) -> dict:
 
 def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:
     """A fresh model (CPU, float32) holding the artifact's dequantised weights; QAT off."""
-    model = build_model(args)
-    state, own = dequantize_state(read_artifact(path)), model.state_dict()
+    model, stored = build_model(args), read_artifact(path)
+    state = {k: dequantize(v["q"], v["scale"]) if isinstance(v, dict) else v.float() for k, v in stored.items()}
+    own = model.state_dict()
     absent = [k for k in own if k not in state and not k.startswith(TRAINING_ONLY_PREFIXES)]
     wrong = [f"{k} {tuple(v.shape)}" for k, v in state.items() if k not in own or v.shape != own[k].shape]
     if absent or wrong:
@@ -1318,9 +1291,8 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     fits, error = torch.ones((), device=rt.device), SizeCapExceeded(f"SIZE_CAP_BYTES={args.size_cap_bytes}: over")
     if rt.master:
         try:
-            blob = build_artifact(model.state_dict(), args, hessians, log)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
+            tmp.write_bytes(build_artifact(model.state_dict(), args, hessians, log))
             os.replace(tmp, path)
         except SizeCapExceeded as e:
             fits, error = fits.zero_(), e
