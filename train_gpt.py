@@ -325,10 +325,9 @@ def check_inputs(args: Hyperparameters) -> None:
                           f"{args.vocab_size}, found {meta.get('tokenizer_type')!r} with {meta.get('vocab_size')!r}")
     if tokens.get("train", 1) == 0:
         raise ConfigError(f"DATA_PATH={args.data_path}: the training split (fineweb_train_*.bin) holds no tokens")
-    val_targets = tokens["val"] - 1
-    if val_targets < args.train_seq_len:
-        raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {val_targets} targets, fewer than "
-                          f"one window (TRAIN_SEQ_LEN={args.train_seq_len})")
+    if tokens["val"] <= args.train_seq_len:
+        raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {tokens['val'] - 1} targets, fewer "
+                          f"than one window (TRAIN_SEQ_LEN={args.train_seq_len})")
 
 
 def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
@@ -339,9 +338,8 @@ class TokenStream:
     """Training shards in order, cycling; a background thread reads (and checks) the next while this one is consumed."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
-        self.paths, self.vocab_size = paths, vocab_size
+        self.paths, self.vocab_size, self.index, self.pos = paths, vocab_size, 0, 0
         self.reader = ThreadPoolExecutor(max_workers=1)
-        self.index, self.pos = 0, 0
         self.tokens = load_data_shard(paths[0], vocab_size)
         self.upcoming = self.reader.submit(load_data_shard, paths[1 % len(paths)], vocab_size)
 
@@ -365,8 +363,7 @@ class DistributedTokenLoader:
 
     def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
         self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
-        self.rank, self.world, self.device = rank, args.world_size, device
-        self.seq = args.train_seq_len
+        self.rank, self.world, self.device, self.seq = rank, args.world_size, device, args.train_seq_len
         self.seqs = args.train_batch_tokens // (8 * self.seq)  # per rank and micro-step
 
     def next_batch(self) -> Tensor:
