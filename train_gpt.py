@@ -1320,9 +1320,6 @@ class Totals:
     def __init__(self, values: Tensor | None = None):
         self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
 
-    def __add__(self, other: Totals) -> Totals:
-        return Totals(self.values + other.values)
-
     @property
     def loss(self) -> float:
         return self.values[0].item() / max(self.values[1].item(), 1.0)
@@ -1337,10 +1334,9 @@ class Totals:
 
 
 def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 0) -> list[tuple[int, int, int]]:
-    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Targets 1..num_tokens-1
-    are each scored exactly once: the first window scores all its targets, later ones the next `stride`
-    targets, each in the window ending at its last scored target (the most left context). With chunk_tokens,
-    no scored range crosses a multiple of it, so every window belongs to one chunk."""
+    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Each target 1..num_tokens-1 is
+    scored once: the first window scores all its targets, later ones the next `stride`, each in the window ending at its
+    last scored target (the most left context). With chunk_tokens, no scored range crosses a multiple of it."""
     if num_tokens < window:
         raise ValueError(f"{num_tokens} tokens cannot fill one window of {window}")
     spans, lo = [], 1
@@ -1355,8 +1351,7 @@ def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 
 
 def rank_share(items: list, rt: Runtime) -> list:
     """This rank's contiguous share of a list (sizes differ by at most one)."""
-    n = len(items)
-    return items[rt.rank * n // rt.world:(rt.rank + 1) * n // rt.world]
+    return items[rt.rank * len(items) // rt.world:(rt.rank + 1) * len(items) // rt.world]
 
 
 def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: torch.device) -> Tensor:
@@ -1366,8 +1361,7 @@ def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: t
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
                 rt: Runtime) -> Totals:
-    """Sums over the spans every rank was given, all-reduced (each rank passes its own share). Short batches are
-    padded with windows that score nothing, so every forward has one shape and a compiled model compiles once."""
+    """Sums over each rank's own spans, all-reduced; padding windows that score nothing give every batch one shape."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
     for i in range(0, len(spans), batch_seqs):
@@ -1386,8 +1380,7 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
 
 
 def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
-    """Windows per forward in every evaluation: VAL_BATCH_SIZE's share, capped by a TTT chunk's windows per
-    rank, so standard, sliding and TTT scoring share one shape and a compiled model compiles once."""
+    """Windows per forward: VAL_BATCH_SIZE's share, capped by a TTT chunk's windows per rank: one shape, one compile."""
     per_chunk = -(-args.ttt_chunk_tokens // args.val_sliding_stride)
     return max(1, min(args.val_batch_size // (8 * args.train_seq_len), -(-per_chunk // rt.world)))
 
@@ -1405,8 +1398,7 @@ def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
 
 def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
                       logits_fn=None) -> Totals:
-    """Non-overlapping windows (consecutive windows share one byte, a target of the first and context of the
-    next) over the whole split, the tail included, shared across ranks."""
+    """Non-overlapping windows (neighbours share one byte) over the whole split, tail included, shared across ranks."""
     model.eval()
     spans = plan_windows(len(tokens), args.window, args.window - 1)
     totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
@@ -1426,11 +1418,9 @@ def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]
 
 
 def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime):
-    """Compiles the scoring graph and TTT's forward+backward at their evaluation shapes, before any clock runs.
-    Compiled graphs are cached per code object, so the artifact's fresh model reuses them rather than compiling
-    inside the evaluation budget. The caller restores the weights."""
-    ids = loader.next_batch()  # training windows of the evaluation's width; their content does not matter
-    rows = eval_batch_seqs(args, rt)
+    """Compiles the scoring graph and TTT's forward+backward at their evaluation shapes before any clock runs: graphs
+    are cached per code object, so the artifact's fresh model reuses them. The caller restores the weights."""
+    ids, rows = loader.next_batch(), eval_batch_seqs(args, rt)  # windows of the evaluation's width; content is moot
     ids = ids.repeat(-(-rows // ids.size(0)), 1)
     score = logits_function(model, rt)
     model.eval()
@@ -1477,16 +1467,15 @@ def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params:
 
 def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime, log,
                          adapt: bool, eval_t0: float) -> tuple[Totals, list[Totals]]:
-    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is
-    first scored in inference mode and only then trained on, so no target touches a weight before its score
-    is final; the last chunk is never trained on. Adaptation stops (scoring never does) once adapting one
-    more chunk would project the finish past EVAL_MAX_SECONDS. Returns the totals and per-chunk totals."""
+    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is scored in
+    inference mode before it is trained on, so no target touches a weight before its score is final; the last chunk
+    never is. Adaptation (never scoring) stops once one more chunk would project the finish past EVAL_MAX_SECONDS."""
     spans = plan_windows(len(tokens), args.window, args.val_sliding_stride, args.ttt_chunk_tokens)
     num_chunks = (len(tokens) + args.ttt_chunk_tokens - 1) // args.ttt_chunk_tokens
     by_chunk = [[] for _ in range(num_chunks)]
     for span in spans:
         by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
-    logits_fn = logits_function(model, rt)
+    logits_fn, batch_seqs = logits_function(model, rt), eval_batch_seqs(args, rt)
     params = ttt_parameters(model, args)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
     loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
@@ -1495,12 +1484,10 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
-        rt.sync()
-        t = time.perf_counter()
-        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window,
-                                   eval_batch_seqs(args, rt), rt)
+        t = rt.now()
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
         per_chunk.append(chunk_totals)
-        totals = totals + chunk_totals
+        totals.values += chunk_totals.values
         score_times.append(time.perf_counter() - t)  # Totals are on the host: the scoring has finished
         if adapting and c < num_chunks - 1:
             # rates leave out the first scoring and the first adaptation, which include compilation
@@ -1519,8 +1506,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
-                rt.sync()
-                adapt_times.append(time.perf_counter() - t)
+                adapt_times.append(rt.now() - t)
         if (c + 1) % args.ttt_log_every == 0 or c == num_chunks - 1:
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
                 f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
