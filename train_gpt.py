@@ -1298,12 +1298,6 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     return path
 
 
-def account_sizes(path: Path, log, cap: int = SIZE_CAP_BYTES) -> dict:
-    """The artifact's and this script's bytes, logged and checked against the cap."""
-    sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
-    sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log, cap)
-    return sizes
-
 
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
@@ -1528,16 +1522,14 @@ class Logger:
         self.master, self.file = master, None
         if master:
             Path("logs").mkdir(exist_ok=True)
-            self.path = Path("logs") / f"{run_id}.txt"
-            self.file = open(self.path, "a", encoding="utf-8")
+            self.file = open(Path("logs") / f"{run_id}.txt", "a", encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True):
-        if not self.master:
-            return
-        if console:
+        if self.master and console:
             print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
 
     def close(self):
         if self.file:
@@ -1598,25 +1590,18 @@ def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> 
 
 
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:
-    """The evaluations chosen by the knobs, all on the artifact's round-tripped weights; the clock starts
-    when the artifact is read. The last one run gives the reported score."""
+    """The evaluations the knobs choose, on the artifact's weights, timed from reading it; the last gives the score."""
     t0 = time.perf_counter()
-    model = load_artifact(path, args).to(rt.device)
-    results = {}
-
-    def elapsed_ms():
-        rt.sync()
-        return 1000.0 * (time.perf_counter() - t0)
-
+    model, results = load_artifact(path, args).to(rt.device), {}
     if args.roundtrip_eval:
         label = "final_int6_lzma_roundtrip"
         results[label] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
-        log_final(log, label, results[label], elapsed_ms())
+        log_final(log, label, results[label], 1000.0 * (rt.now() - t0))
     for label, enabled, adapt in (("final_sliding", args.sliding_eval, False), ("final_ttt", args.ttt_enabled, True)):
         if enabled:
             results[label], _ = evaluate_score_first(model, val_tokens, args, rt, log, adapt, t0)
-            log_final(log, label, results[label], elapsed_ms())
-    total_ms = elapsed_ms()
+            log_final(log, label, results[label], 1000.0 * (rt.now() - t0))
+    total_ms = 1000.0 * (rt.now() - t0)
     projected = f" projected_8gpu:{total_ms * rt.world / 8:.0f}ms" if rt.world < 8 else ""
     log(f"eval_total_time:{total_ms:.0f}ms{projected} (budget EVAL_MAX_SECONDS={args.eval_max_seconds:.0f}s)")
     return results
@@ -1656,11 +1641,9 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     facts.update(trainer.run())
     hessians = None
     if args.quant == "gptq":
-        rt.sync()
-        t = time.perf_counter()
+        t = rt.now()
         hessians = collect_hessians(model, trainer.loader, args, rt)
-        rt.sync()
-        calib_s = time.perf_counter() - t
+        calib_s = rt.now() - t
         log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s "
             f"(reserved {trainer.calibration_reserve:.2f}s)")
         used = facts["wallclock_seconds"] + calib_s
@@ -1679,7 +1662,9 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
-    facts.update(account_sizes(path, log, args.size_cap_bytes))  # past the cap, the run ends here
+    model_bytes, code_bytes = path.stat().st_size, len(Path(__file__).read_bytes())
+    total = check_size(model_bytes, code_bytes, log, args.size_cap_bytes)  # past the cap, the run ends here
+    facts.update(bytes_model_int6_lzma=model_bytes, bytes_code=code_bytes, bytes_total=total)
     log_peak_memory(rt, log)
     if model is not None and args.prequant_eval:
         results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
