@@ -1094,17 +1094,16 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
             if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
     shared = {name: name[:-1] + "q" for name in int6 if name.endswith((".k", ".v")) and name[:-1] + "q" in int6}
     layers = {name: m for name, m in int6.items() if name not in shared}
-    sums = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in layers.items()}
+    slot = {m: i for i, m in enumerate(layers.values())}
+    sums = [torch.zeros(m.in_features, m.in_features, device=rt.device) for m in layers.values()]
     rows = torch.zeros(len(layers), device=rt.device)
 
-    def hook(i, name):
-        def accumulate(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            sums[name].addmm_(x.T, x)
-            rows[i] += x.size(0)
-        return accumulate
+    def accumulate(module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+        sums[slot[module]].addmm_(x.T, x)
+        rows[slot[module]] += x.size(0)
 
-    handles = [m.register_forward_hook(hook(i, name)) for i, (name, m) in enumerate(layers.items())]
+    handles = [m.register_forward_hook(accumulate) for m in layers.values()]
     model.eval()
     try:
         for _ in range(batches or args.gptq_calib_batches):
@@ -1114,7 +1113,7 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
         for handle in handles:
             handle.remove()
     rt.all_reduce(rows)
-    hessians = {name: rt.all_reduce(sums[name]) / rows[i] for i, name in enumerate(layers)}
+    hessians = {name: rt.all_reduce(sums[i]) / rows[i] for i, name in enumerate(layers)}
     return {f"{name}.weight": hessians[shared.get(name, name)] for name in int6}
 
 
@@ -1127,8 +1126,7 @@ def quantize_matrix(w: Tensor, hessian: Tensor | None, bits: int = 6) -> dict:
 
 
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
-    """The artifact's content: int6 + per-row fp16 scales for large matrices and embeddings (GPTQ where a
-    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out."""
+    """The artifact: int6 for large matrices and embeddings (GPTQ given a Hessian), fp32 controls, fp16 the rest."""
     out = {}
     for name, t in state.items():
         t = t.detach().float()
@@ -1148,8 +1146,7 @@ def serialize_artifact(qstate: dict) -> bytes:
 
 
 def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
-    """Relative reconstruction error of a stored matrix: ||E||^2 / ||W||^2, Hessian-weighted (tr(E H E^T) /
-    tr(W H W^T), the change of the layer's outputs on calibration data) where the layer has a Hessian."""
+    """||E||^2 / ||W||^2 of a stored matrix, or tr(E H E^T) / tr(W H W^T) (its outputs' change) given a Hessian."""
     w = w.detach().float()
     stored = dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()
     e = w - stored.to(w.device)
@@ -1169,10 +1166,9 @@ def entropy_bytes(entry: dict | Tensor) -> float:
 
 def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
                    log=print) -> bytes:
-    """The export: int6 (GPTQ where Hessians are given) + LZMA, rate-controlled to fit SIZE_CAP_BYTES with this script:
-    while over, the matrices whose next width down (fp16 -> int8 -> int6 -> int5 -> int4) adds the least relative error
-    per byte saved step down, as many per step as the entropy estimate says the overshoot needs, each step measured and
-    logged. Raises SizeCapExceeded when even int4 everywhere does not fit."""
+    """The export: int6 (GPTQ given Hessians) + LZMA, rate-controlled to fit SIZE_CAP_BYTES with this script: while
+    over, the matrices whose next width down adds the least relative error per byte saved step down (as many as the
+    entropy estimate says the overshoot needs), each step logged. Raises SizeCapExceeded if int4 everywhere is over."""
     code_bytes = len(Path(__file__).read_bytes())
     budget = args.size_cap_bytes - code_bytes
     state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
