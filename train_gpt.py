@@ -773,8 +773,7 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float 
     warmdown lasts WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to the knobs' cap."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
-        start = args.iterations - args.warmdown_iters
-        return max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
+        return min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(cap_ms - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
@@ -789,11 +788,10 @@ class WeightAverager:
     """EMA of the weights, or SWA: the mean of snapshots every SWA_EVERY steps once lr_scale < SWA_START_SCALE."""
 
     def __init__(self, model: nn.Module, args: Hyperparameters):
-        self.kind, self.args = args.weight_avg, args
+        self.kind, self.args, self.snapshots = args.weight_avg, args, 0
         self.params = list(model.parameters())
         self.avg = [p.detach().float().clone() for p in self.params] if self.kind == "ema" else \
             [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.snapshots = 0
 
     @torch.no_grad()
     def update(self, step: int, scale: float):
@@ -826,19 +824,17 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 
 
 class SharedClock:
-    """Training ms by the slowest rank's clock, read without draining the GPU: after queueing step n the host waits
-    for step n-1 only, reads its clock and takes the maximum over ranks on a host-side group. All ranks get the same
-    value after the same step (one LR schedule, late QAT, stop step); on CUDA it trails the GPU by at most a step."""
+    """Training ms by the slowest rank's clock, read without draining the GPU: the host waits for step n-1 only, then
+    takes the maximum over ranks on a host-side group, so all ranks see the same value after the same step."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.pending = rt, None
 
     def read(self, elapsed_ms: float) -> float:
         if self.rt.cuda:
-            done = torch.cuda.current_stream().record_event()
-            if self.pending is not None:
-                self.pending.synchronize()
-            self.pending = done
+            previous, self.pending = self.pending, torch.cuda.current_stream().record_event()
+            if previous is not None:
+                previous.synchronize()
         if self.rt.world == 1:
             return elapsed_ms
         clock = torch.tensor([elapsed_ms], dtype=torch.float64)
@@ -890,8 +886,7 @@ class Trainer:
 
     def __init__(self, args: Hyperparameters, rt: Runtime, model: ByteJEPA, val_tokens: np.ndarray, log):
         self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
-        self.params = list(model.parameters())
-        self.optimizers = build_optimizers(model, args, rt)
+        self.params, self.optimizers = list(model.parameters()), build_optimizers(model, args, rt)
         self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
@@ -964,17 +959,14 @@ class Trainer:
         args, rt, log = self.args, self.rt, self.log
         self.model.train()
         self.prime()
-        averager = WeightAverager(self.model, args)
+        averager, clock = WeightAverager(self.model, args), SharedClock(rt)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
-        clock = SharedClock(rt)
-        # shared_ms: training time by the slowest rank's clock, one schedule for all ranks
-        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
+        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False  # shared_ms: by SharedClock
         t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
             # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
-            if (last and not args.prequant_eval) or (args.val_loss_every and step % args.val_loss_every == 0
-                                                     and not last):
+            if (not args.prequant_eval) if last else (args.val_loss_every and step % args.val_loss_every == 0):
                 train_ms += 1000.0 * (rt.now() - t0)
                 val = evaluate_standard(self.model, self.val_tokens, args, rt)
                 log(f"step:{step}/{args.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} "
