@@ -679,13 +679,10 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def now(self) -> float:
         """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
-        self.sync()
+        if self.cuda:
+            torch.cuda.synchronize()
         return time.perf_counter()
 
     def close(self):
@@ -736,9 +733,8 @@ class Muon(torch.optim.Optimizer):
                 if i % self.rt.world == self.rt.rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    ortho = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]),
-                                                        group["backend_steps"])
-                    update.copy_(ortho.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5)  # same RMS for tall ones
+                    u = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                    update.copy_(u.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5)  # same RMS for tall matrices
             self.rt.all_reduce(flat)
             torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
 
