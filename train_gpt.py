@@ -1282,7 +1282,6 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     return path
 
 
-
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
 # -----------------------------------------------------------------------------------------------------------------
