@@ -453,10 +453,12 @@ def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
-    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference."""
-    T = q.size(-2)
+    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference. Head sizes
+    are zero-padded to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
+    T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
-    return COMPILED_FLEX(q, k, v, block_mask=mask)
+    q, k, v = (F.pad(t.to(v.dtype), (0, (1 << (D - 1).bit_length()) - D)) for t in (q, k, v))
+    return COMPILED_FLEX(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
 
 
 COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)  # compiles at its first call only

@@ -98,11 +98,13 @@ def test_local_attention_matches_dense_masked_attention(T, window):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_flex_window_attention_matches_dense_masked_attention():
-    """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU."""
+@pytest.mark.parametrize("head", [16, 24])
+def test_flex_window_attention_matches_dense_masked_attention(head):
+    """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU; a head size of
+    24 is zero-padded to 32 inside, and the scale stays 1/sqrt(24)."""
     T, window = 256, 48
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, T, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, T, head, generator=g) for _ in range(3))
     i = torch.arange(T)
     mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
