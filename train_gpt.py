@@ -118,14 +118,15 @@ class Hyperparameters:
         self.decoder_layers = knob("DECODER_LAYERS", 7, lo=1)
         self.decoder_heads = knob("DECODER_HEADS", 4, lo=1)
         self.decoder_dim = knob("DECODER_DIM", None, int, lo=2) or self.model_dim  # byte decoder width; auto: MODEL_DIM
-        self.decoder_window = knob("DECODER_WINDOW", 0, lo=0)  # bytes a decoder position attends to; 0: the window
+        self.decoder_window = knob("DECODER_WINDOW", 128, lo=0)  # bytes a decoder position sees; 0: all (reference)
         self.latent_dim = knob("LATENT_DIM", 192, lo=1)  # JEPA latent, also the decoder's conditioning
-        self.latent_per_slot = knob("LATENT_PER_SLOT", False)  # one latent projection per byte slot (MegaByte)
-        self.latent_inject_layers = knob("LATENT_INJECT_LAYERS", 1, lo=1)  # decoder blocks fed the latent; 1: input
-        self.latent_norm = knob("LATENT_NORM", False)  # RMS-normalised latent into zero-initialised projections (H-Net)
-        self.ngram_buckets = knob("NGRAM_BUCKETS", 0, lo=0)  # hashed 2-4-gram embedding rows, patch and decoder; 0: off
+        self.latent_per_slot = knob("LATENT_PER_SLOT", True)  # one latent projection per byte slot (MegaByte)
+        self.latent_inject_layers = min(knob("LATENT_INJECT_LAYERS", 2, lo=1),  # decoder blocks fed the latent; 1:
+                                        self.decoder_layers)  # input only (reference); at most DECODER_LAYERS
+        self.latent_norm = knob("LATENT_NORM", True)  # RMS-normed latent, zero-init projections (H-Net)
+        self.ngram_buckets = knob("NGRAM_BUCKETS", 4096, lo=0)  # hashed 2-4-gram rows, patch and decoder; 0: off
         self.ngram_dim = knob("NGRAM_DIM", None, int, lo=1) or max(self.model_dim // 4, 1)  # their width (BLT)
-        self.smear_gate = knob("SMEAR_GATE", False)  # decoder input mixes in the previous position's, gated
+        self.smear_gate = knob("SMEAR_GATE", True)  # decoder input mixes in the previous position's, gated
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
         self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)
@@ -228,9 +229,6 @@ class Hyperparameters:
             if self.ttt_chunk_tokens % self.window:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
-        if self.latent_inject_layers > self.decoder_layers:
-            raise ConfigError(f"LATENT_INJECT_LAYERS={self.latent_inject_layers}: expected at most DECODER_LAYERS="
-                              f"{self.decoder_layers}")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
                               f"{self.num_layers}")

@@ -47,6 +47,9 @@ REFERENCE_DEFAULTS = dict(
     ttt_grad_clip=1.0, val_sliding_stride=256,
     ce_weight=3.0, jepa_weight=0.5, sigreg_weight=0.02,
     world_size=1, smoke=False, eval_only="",
+    # moved from the reference's values by measurement (README, compute allocation); REFERENCE in conftest
+    decoder_dim=480, decoder_window=128, latent_per_slot=True, latent_inject_layers=2, latent_norm=True,
+    ngram_buckets=4096, ngram_dim=120, smear_gate=True,
     data_path="./data/datasets/fineweb10B_byte260", tokenizer_path="./data/tokenizers/fineweb_pure_byte_260.json",
 )
 
@@ -61,6 +64,13 @@ def test_reference_defaults(monkeypatch):
     assert args.window == 2048 and args.window // args.patch_size == 256
     assert args.grad_accum_steps == 8
     assert re.fullmatch(r"[0-9a-f-]{36}", args.run_id)  # a fresh uuid per run
+
+
+def test_size_knobs_follow_model_dim_and_the_latent_feeds_at_most_every_decoder_block(tiny_args):
+    args = tiny_args(MODEL_DIM=64, DECODER_LAYERS=1, LATENT_INJECT_LAYERS=3)
+    assert (args.decoder_dim, args.ngram_dim, args.latent_inject_layers) == (64, 16, 1)
+    args = tiny_args(MODEL_DIM=64, DECODER_DIM=48, NGRAM_DIM=8, DECODER_LAYERS=3, LATENT_INJECT_LAYERS=3)
+    assert (args.decoder_dim, args.ngram_dim, args.latent_inject_layers) == (48, 8, 3)
 
 
 @pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (4, 2), (8, 1)])
@@ -160,8 +170,6 @@ BAD = [
     ("decoder-heads", {"DECODER_HEADS": "3"}, [("DECODER_DIM", "32"), ("DECODER_HEADS", "3")], ["divid"], {}),
     ("decoder-dim-odd-head", {"DECODER_DIM": "30"}, [("DECODER_DIM", "30"), ("DECODER_HEADS", "2")], ["even"], {}),
     ("decoder-window-negative", {"DECODER_WINDOW": "-8"}, [("DECODER_WINDOW", "-8")], [">= 0"], {}),
-    ("latent-inject-beyond-decoder", {"LATENT_INJECT_LAYERS": "2"}, [("LATENT_INJECT_LAYERS", "2")],
-     ["DECODER_LAYERS=1"], {}),
     ("ngram-dim-zero", {"NGRAM_DIM": "0"}, [("NGRAM_DIM", "0")], [">= 1"], {}),
     ("world-size-3", {"WORLD_SIZE": "3"}, [("WORLD_SIZE", "3")], ["divisor of 8"], {}),
     ("world-size-16", {"WORLD_SIZE": "16"}, [("WORLD_SIZE", "16")], ["divisor of 8"], {}),

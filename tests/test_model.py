@@ -3,16 +3,35 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY, randomize, realistic
+from conftest import REFERENCE, ROOT, TINY, randomize, realistic
 
 
-def test_default_parameter_count_matches_reference(monkeypatch):
-    for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
+def default_args(monkeypatch, **overrides) -> train_gpt.Hyperparameters:
+    """The full-size defaults (no tiny configuration in the environment), with `overrides`."""
+    for key in list(TINY) + list(REFERENCE) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
         monkeypatch.delenv(key, raising=False)
-    model = train_gpt.build_model(train_gpt.Hyperparameters())
-    assert sum(p.numel() for p in model.parameters()) == 24_593_530
+    for key, value in overrides.items():
+        monkeypatch.setenv(key, value)
+    return train_gpt.Hyperparameters()
+
+
+@pytest.mark.parametrize("config", ["reference", "default"])
+def test_parameter_counts_of_the_reference_and_the_default(monkeypatch, config):
+    """The README's reference line rebuilds the reference entry (24,593,530 parameters); the default adds the
+    per-slot and injected latent projections (2 x 192 x 3840) and two n-gram tables (4096 x 120, projected to
+    480): 27,074,651."""
+    model = train_gpt.build_model(default_args(monkeypatch, **(REFERENCE if config == "reference" else {})))
+    added = 2 * 192 * 3840 - 192 * 480 + 2 * (4096 + 480) * 120 + 480 + 1  # latent, n-grams, smear gate
+    total = 24_593_530 + (0 if config == "reference" else added)
+    assert sum(p.numel() for p in model.parameters()) == total
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
-    assert stored == 24_593_530 - 645_120  # the JEPA projector (480->960->192) is training-only
+    assert stored == total - 645_120  # the JEPA projector (480->960->192) is training-only
+
+
+def test_readme_gives_the_reference_line():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    line = text.split("24,593,530 parameters", 1)[1].split("`")[1]
+    assert line.endswith("train_gpt.py") and all(f"{k}={v}" in line.split() for k, v in REFERENCE.items()), line
 
 
 # MODEL_DIM=96 with patches of 8 makes the patch projection (96 x 768) an int6 layer, so QAT has a layer to switch
@@ -167,7 +186,7 @@ def test_latent_conditioning_per_slot_and_injected(tiny_args):
 def test_latent_reaches_the_first_inject_layers_blocks(tiny_args):
     """Block 0 reads the byte embedding plus the input projection; blocks 1..LATENT_INJECT_LAYERS-1 read the
     previous block's output plus their own projection; later blocks read the previous output alone."""
-    args = tiny_args(DECODER_LAYERS=3, LATENT_INJECT_LAYERS=2)
+    args = tiny_args(DECODER_LAYERS=3, LATENT_INJECT_LAYERS=2, NGRAM_BUCKETS=0, SMEAR_GATE=0)
     model = randomize(train_gpt.build_model(args)).eval()
     inputs = []
     for block in model.dec_blocks:
@@ -328,9 +347,7 @@ def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]
 @pytest.mark.parametrize("training", [True, False])
 def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
     if size == "default":
-        for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
-            monkeypatch.delenv(key, raising=False)
-        args = train_gpt.Hyperparameters()
+        args = default_args(monkeypatch)
     else:  # grouped-query attention in the encoder
         args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **(REBALANCED if size == "rebalanced" else {}))
     analytic = train_gpt.flops_per_byte(args, training)
@@ -349,15 +366,19 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     assert counted_attention == pytest.approx(dense, rel=0.01)
 
 
-def test_default_flops_per_byte_by_hand(monkeypatch):
-    """The reference model, counted by hand per target byte (d=480, 2048-byte window, 256 patches): decoder
-    matmuls 7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8; decoder attention
-    7 x 4 d x (2048 x 2049 / 2) / 2047."""
-    for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
-        monkeypatch.delenv(key, raising=False)
-    f = train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=False)
+def test_flops_per_byte_by_hand(monkeypatch):
+    """Counted by hand per target byte (d=480, 2048-byte window, 256 patches). The reference: decoder matmuls
+    7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8, decoder attention 7 x 4 d x
+    (2048 x 2049 / 2) / 2047; 135.0 M a training step. The default: the latent through two per-slot projections
+    2 x 2 x 192 x 480 a byte, attention over a 128-byte window (query i meets min(i+1, 128) keys), n-grams
+    2 x 120 x (480 + 480) a byte; 100.4 M a training step."""
     d = 480
+    f = train_gpt.flops_per_byte(default_args(monkeypatch, **REFERENCE), training=False)
     assert f["decoder_blocks"] == pytest.approx((7 * 16 * d * d * 2048 + 2 * 192 * d * 256) / 2047)
     assert f["decoder_attention"] == pytest.approx(7 * 4 * d * 2048 * 2049 / 2 / 2047)
-    train = sum(train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=True).values())
-    assert round(train / 1e6, 1) == 135.0
+    assert round(sum(train_gpt.flops_per_byte(default_args(monkeypatch, **REFERENCE), True).values()) / 1e6, 1) == 135.0
+    f = train_gpt.flops_per_byte(default_args(monkeypatch), training=False)
+    assert f["decoder_blocks"] == pytest.approx((7 * 16 * d * d * 2048 + 2 * 2 * 192 * d * 2048) / 2047)
+    assert f["decoder_attention"] == pytest.approx(7 * 4 * d * (128 * 129 / 2 + (2048 - 128) * 128) / 2047)
+    assert f["ngram_embeddings"] == pytest.approx(2 * 120 * 2 * d * 2048 / 2047)
+    assert round(sum(train_gpt.flops_per_byte(default_args(monkeypatch), True).values()) / 1e6, 1) == 100.4
