@@ -256,9 +256,8 @@ class Hyperparameters:
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
-PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260,  # as the challenge's exporter writes it
-                       "config": {"pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET,
-                                  "byte_count": 256}}
+PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260, "config": {  # the official exporter's
+    "pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET, "byte_count": 256}}
 
 
 def encode_document(text: str) -> np.ndarray:
@@ -272,9 +271,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    tmp.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
     os.replace(tmp, path)
 
 
@@ -282,9 +279,7 @@ def read_shard_header(path: Path) -> int:
     """Token count of a shard, after checking its magic, version and file size."""
     if not path.is_file():
         raise ConfigError(f"{path}: shard file not found")
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_INTS * 4)
-    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)  # fewer ints if the file is shorter
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: not a byte260 shard (expected magic {SHARD_MAGIC} and version {SHARD_VERSION} "
                           f"in a {HEADER_INTS * 4}-byte header)")
@@ -351,19 +346,18 @@ class TokenStream:
     """Training shards in order, cycling; a background thread reads (and checks) the next while this one is consumed."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
-        self.paths, self.vocab_size, self.index, self.pos = paths, vocab_size, 0, 0
+        self.paths, self.vocab_size, self.next_index, self.pos = paths, vocab_size, 1 % len(paths), 0
         self.reader = ThreadPoolExecutor(max_workers=1)
         self.tokens = load_data_shard(paths[0], vocab_size)
-        self.upcoming = self.reader.submit(load_data_shard, paths[1 % len(paths)], vocab_size)
+        self.upcoming = self.reader.submit(load_data_shard, paths[self.next_index], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.paths)
                 self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises here, when reached
-                following = self.paths[(self.index + 1) % len(self.paths)]
-                self.upcoming = self.reader.submit(load_data_shard, following, self.vocab_size)
+                self.next_index = (self.next_index + 1) % len(self.paths)
+                self.upcoming = self.reader.submit(load_data_shard, self.paths[self.next_index], self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
