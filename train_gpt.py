@@ -906,9 +906,8 @@ class WeightAverager:
     def apply(self) -> str:
         if self.kind == "none" or (self.kind == "swa" and self.snapshots == 0):
             return f"weight_avg:{self.kind} applied:none (live weights exported)"
-        div = float(self.snapshots) if self.kind == "swa" else 1.0
         for p, a in zip(self.params, self.avg):
-            p.copy_(a / div)
+            p.copy_(a / self.snapshots if self.kind == "swa" else a)
         detail = f"decay:{self.args.ema_decay}" if self.kind == "ema" else f"snapshots:{self.snapshots}"
         return f"weight_avg:{self.kind} {detail} applied"
 
@@ -925,8 +924,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 
 
 class SharedClock:
-    """Training ms by the slowest rank's clock, read without draining the GPU: the host waits for step n-1 only, then
-    takes the maximum over ranks on a host-side group, so all ranks see the same value after the same step."""
+    """Training ms, the max over ranks (all stop after the same step), waiting for step n-1 only: no GPU drain."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.pending = rt, None
@@ -944,8 +942,7 @@ class SharedClock:
 
 
 class SizeEstimate:
-    """Once, early, what the weights would compress to (int6 round-to-nearest + LZMA), for the person watching: rank 0
-    copies them to pinned host memory on a side stream, a CPU thread compresses them: no extra GPU work."""
+    """Once, early, the weights' int6 RTN + LZMA size for the log, no GPU work: a side-stream copy, a CPU thread."""
 
     def __init__(self, rt: Runtime, log, cap: int):
         self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
