@@ -1166,11 +1166,9 @@ def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128
         i2 = min(i1 + block, w.size(1))
         wb, errs, hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
-            q[:, i1 + j:i1 + j + 1] = qj
-            err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
+            q[:, i1 + j:i1 + j + 1] = qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
+            errs[:, j:j + 1] = err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
             wb[:, j:] -= err * hb[j:j + 1, j:]
-            errs[:, j:j + 1] = err
         w[:, i2:] -= errs @ hinv[i1:i2, i2:]
     return q[:, torch.argsort(order)].to(torch.int8), scales
 
@@ -1219,12 +1217,10 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None 
     """The artifact: int6 for large matrices and embeddings (GPTQ given a Hessian), fp32 controls, fp16 the rest."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float()
-        if name.startswith(TRAINING_ONLY_PREFIXES):
-            continue
         if stored_as_int6(name, t):
             out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
-        else:
+        elif not name.startswith(TRAINING_ONLY_PREFIXES):
+            t = t.detach().float()
             out[name] = t.cpu() if any(c in name for c in CONTROL_TENSOR_NAMES) else t.half().cpu()
     return out
 
@@ -1256,17 +1252,15 @@ def entropy_bytes(entry: dict | Tensor) -> float:
 
 def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
                    log=print) -> bytes:
-    """The export: int6 (GPTQ given Hessians) + LZMA, rate-controlled to fit SIZE_CAP_BYTES with this script: while
-    over, the matrices whose next width down adds the least relative error per byte saved step down (as many as the
-    entropy estimate says the overshoot needs), each step logged. Raises SizeCapExceeded if int4 everywhere is over."""
+    """The export, rate-controlled to fit SIZE_CAP_BYTES with this script: while over, the matrices whose next width
+    down adds least error per byte saved step down (as many as the overshoot needs); SizeCapExceeded if int4 is over."""
     code_bytes = len(Path(__file__).read_bytes())
     budget = args.size_cap_bytes - code_bytes
-    state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     hessians = hessians or {}
-    qstate = quantize_state(state, hessians)
+    qstate = quantize_state(state_dict, hessians)  # without the training-only tensors
     bits = {name: 6 if isinstance(v, dict) else 16 for name, v in qstate.items()
             if isinstance(v, dict) or (v.ndim == 2 and v.dtype == torch.float16)}
-    errors = {name: quantization_error(state[name], qstate[name], hessians.get(name)) for name in bits}
+    errors = {name: quantization_error(state_dict[name], qstate[name], hessians.get(name)) for name in bits}
     blob, rung, trials = serialize_artifact(qstate), 0, {}  # trials: name -> (entry one width down, its error)
 
     def report(what: str):
@@ -1284,8 +1278,8 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
             check_size(len(blob), code_bytes, log, args.size_cap_bytes)  # logs the sizes and raises
         for name in names:
             if name not in trials:
-                entry = quantize_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
-                trials[name] = entry, quantization_error(state[name], entry, hessians.get(name))
+                entry = quantize_matrix(state_dict[name], hessians.get(name), NARROWER[bits[name]])
+                trials[name] = entry, quantization_error(state_dict[name], entry, hessians.get(name))
         saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
         cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
         chosen, need, gained = [], len(blob) - budget, 0.0
