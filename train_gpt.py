@@ -1446,9 +1446,8 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
             logits = logits_fn(ids)
         nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums[0] += torch.where(scored, nll, 0.0).sum()
-        sums[1] += scored.sum()
-        sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
+        sums += torch.stack((torch.where(scored, nll, 0.0).sum(), scored.sum(),  # nll, targets, bytes among them
+                             (scored & (ids >= BYTE_OFFSET)).sum()))
     return Totals(rt.all_reduce(sums))
 
 
@@ -1473,18 +1472,15 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
                       logits_fn=None) -> Totals:
     """Non-overlapping windows (neighbours share one byte) over the whole split, tail included, shared across ranks."""
     model.eval()
-    spans = plan_windows(len(tokens), args.window, args.window - 1)
-    totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                         eval_batch_seqs(args, rt), rt)
+    spans = rank_share(plan_windows(len(tokens), args.window, args.window - 1), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, spans, args.window, eval_batch_seqs(args, rt), rt)
     check_targets(totals, len(tokens), "standard")
     return totals
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
-    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks.
-    Only those require gradients: frozen and training-only weights neither need nor collect them."""
-    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
-    frozen |= {id(p) for p in model.projector.parameters()}
+    """TTT adapts the stored weights outside the first TTT_FREEZE_BLOCKS blocks, and only they require gradients."""
+    frozen = {id(p) for m in (*model.blocks[:args.ttt_freeze_blocks], model.projector) for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     return [p for p in model.parameters() if id(p) not in frozen]
@@ -1517,8 +1513,7 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
 
 def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params: list[Tensor], chunk: np.ndarray,
                    args: Hyperparameters, rt: Runtime) -> None:
-    """TTT_EPOCHS passes of SGD over the chunk's already-scored tokens, in windows overlapping by one byte;
-    each step's global batch of TTT_BATCH_SEQS windows is shared across ranks and its gradient summed."""
+    """TTT_EPOCHS of SGD on the chunk's scored tokens: windows sharing a byte, TTT_BATCH_SEQS a step across ranks."""
     starts = list(range(0, len(chunk) - args.window + 1, args.window - 1))
     model.train()
     for _ in range(args.ttt_epochs):
@@ -1607,8 +1602,7 @@ class Logger:
         if self.master and console:
             print(msg, flush=True)
         if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            print(msg, file=self.file, flush=True)
 
     def close(self):
         if self.file:
@@ -1616,9 +1610,8 @@ class Logger:
 
 
 def describe_hardware(rt: Runtime) -> str:
-    if rt.cuda:
-        return f"{rt.world}x {torch.cuda.get_device_name(rt.device)}"
-    return f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return (f"{rt.world}x {torch.cuda.get_device_name(rt.device)}" if rt.cuda else
+            f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
 
 
 def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
@@ -1657,11 +1650,9 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
 
 
 def log_peak_memory(rt: Runtime, log) -> None:
-    if rt.cuda:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    else:
-        log(f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    log((f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+         f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB") if rt.cuda else
+        f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
 def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
@@ -1705,9 +1696,8 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
         track="10min_16mb" if on_track else "non_record", hardware=describe_hardware(rt), run_id=args.run_id,
         val_loss=final.loss if final else None, val_bpb=final.bpb if final else None,
         pre_quant_val_loss=prequant.loss if prequant else None, pre_quant_val_bpb=prequant.bpb if prequant else None,
-        step_stop=facts.get("step_stop"), wallclock_seconds=facts.get("wallclock_seconds"),
-        bytes_total=facts.get("bytes_total"), bytes_model_int6_lzma=facts.get("bytes_model_int6_lzma"),
-        bytes_code=facts.get("bytes_code"))
+        **{k: facts.get(k) for k in ("step_stop", "wallclock_seconds", "bytes_total", "bytes_model_int6_lzma",
+                                     "bytes_code")})
     path = Path("logs") / f"{args.run_id}.submission.json"
     path.write_text(json.dumps(info, indent=2) + "\n")
     log(f"submission: {path}")
