@@ -375,10 +375,9 @@ class DistributedTokenLoader:
 
     def next_batch(self) -> Tensor:
         span = self.seqs * self.seq + 1
-        chunk = self.stream.take(span * self.world)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        # contiguous like every other batch of windows: one stride, no recompilation of a compiled model
-        return to_device(local.unfold(0, self.seq + 1, self.seq).contiguous(), self.device)
+        local = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span].astype(np.int64)
+        windows = torch.from_numpy(local).unfold(0, self.seq + 1, self.seq)
+        return to_device(windows.contiguous(), self.device)  # one stride for every batch: no recompilation
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -1282,17 +1281,15 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
                 trials[name] = entry, quantization_error(state_dict[name], entry, hessians.get(name))
         saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
         cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
-        chosen, need, gained = [], len(blob) - budget, 0.0
-        for name in sorted(names, key=cost.get):
-            chosen.append(name)
+        need, gained = len(blob) - budget, 0.0
+        for chosen, name in enumerate(sorted(names, key=cost.get), 1):
+            qstate[name], errors[name] = trials.pop(name)
+            bits[name] = NARROWER[bits[name]]
             gained += saved[name]
             if gained >= 1.1 * need:  # LZMA gets near the entropy, not below it: a tenth more than the overshoot
                 break
-        for name in chosen:
-            qstate[name], errors[name] = trials.pop(name)
-            bits[name] = NARROWER[bits[name]]
         blob, rung = serialize_artifact(qstate), rung + 1
-        report(f"{len(chosen)} matrices one width down")
+        report(f"{chosen} matrices one width down")
     return blob
 
 
@@ -1535,9 +1532,8 @@ def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params:
 
 def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime, log,
                          adapt: bool, eval_t0: float) -> tuple[Totals, list[Totals]]:
-    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is scored in
-    inference mode before it is trained on, so no target touches a weight before its score is final; the last chunk
-    never is. Adaptation (never scoring) stops once one more chunk would project the finish past EVAL_MAX_SECONDS."""
+    """Sliding windows in TTT_CHUNK_TOKENS chunks; with `adapt` (score-first TTT) each chunk's scores are final before
+    it is trained on (the last never is). Adaptation, never scoring, stops if it would project past EVAL_MAX_SECONDS."""
     spans = plan_windows(len(tokens), args.window, args.val_sliding_stride, args.ttt_chunk_tokens)
     num_chunks = (len(tokens) + args.ttt_chunk_tokens - 1) // args.ttt_chunk_tokens
     by_chunk = [[] for _ in range(num_chunks)]
