@@ -1137,12 +1137,9 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
 def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
     """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
-    trials = []  # (error, q, scales)
-    for quantile in CLIP_QUANTILES:
-        scales = row_scales(w, quantile, qmax)
-        q = torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
-        trials.append(((dequantize(q, scales) - w).square().sum().item(), q, scales))
-    return min(trials, key=lambda trial: trial[0])[1:]
+    scales = (row_scales(w, quantile, qmax) for quantile in CLIP_QUANTILES)
+    trials = [(torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax).to(torch.int8), s) for s in scales]
+    return min(trials, key=lambda trial: (dequantize(*trial) - w).square().sum().item())
 
 
 def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128,
