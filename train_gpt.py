@@ -1563,8 +1563,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     f"scored without adaptation")
             else:
                 t = time.perf_counter()
-                for group in opt.param_groups:  # cosine decay across chunks
-                    group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
                 adapt_times.append(rt.now() - t)
@@ -1678,8 +1677,7 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
     """logs/<RUN_ID>.submission.json in the challenge's format, filled from this run only (null if unknown)."""
     if not rt.master:
         return
-    final = next((results[k] for k in ("final_ttt", "final_sliding", "final_int6_lzma_roundtrip") if k in results),
-                 None)
+    final = results.get("final_ttt") or results.get("final_sliding") or results.get("final_int6_lzma_roundtrip")
     prequant = results.get("final_prequant")
     on_track = rt.cuda and rt.world == 8 and 0 < args.max_wallclock_seconds <= 600 and not args.smoke
     info = dict(
