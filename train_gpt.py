@@ -254,9 +254,8 @@ class Hyperparameters:
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
-PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260,  # as the challenge's exporter writes it
-                       "config": {"pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET,
-                                  "byte_count": 256}}
+PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260, "config": {  # the official exporter's
+    "pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET, "byte_count": 256}}
 
 
 def encode_document(text: str) -> np.ndarray:
@@ -270,9 +269,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    tmp.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
     os.replace(tmp, path)
 
 
@@ -280,9 +277,7 @@ def read_shard_header(path: Path) -> int:
     """Token count of a shard, after checking its magic, version and file size."""
     if not path.is_file():
         raise ConfigError(f"{path}: shard file not found")
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_INTS * 4)
-    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)  # fewer ints if the file is shorter
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: not a byte260 shard (expected magic {SHARD_MAGIC} and version {SHARD_VERSION} "
                           f"in a {HEADER_INTS * 4}-byte header)")
@@ -349,19 +344,18 @@ class TokenStream:
     """Training shards in order, cycling; a background thread reads (and checks) the next while this one is consumed."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
-        self.paths, self.vocab_size, self.index, self.pos = paths, vocab_size, 0, 0
+        self.paths, self.vocab_size, self.next_index, self.pos = paths, vocab_size, 1 % len(paths), 0
         self.reader = ThreadPoolExecutor(max_workers=1)
         self.tokens = load_data_shard(paths[0], vocab_size)
-        self.upcoming = self.reader.submit(load_data_shard, paths[1 % len(paths)], vocab_size)
+        self.upcoming = self.reader.submit(load_data_shard, paths[self.next_index], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.paths)
                 self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises here, when reached
-                following = self.paths[(self.index + 1) % len(self.paths)]
-                self.upcoming = self.reader.submit(load_data_shard, following, self.vocab_size)
+                self.next_index = (self.next_index + 1) % len(self.paths)
+                self.upcoming = self.reader.submit(load_data_shard, self.paths[self.next_index], self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -379,10 +373,9 @@ class DistributedTokenLoader:
 
     def next_batch(self) -> Tensor:
         span = self.seqs * self.seq + 1
-        chunk = self.stream.take(span * self.world)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        # contiguous like every other batch of windows: one stride, no recompilation of a compiled model
-        return to_device(local.unfold(0, self.seq + 1, self.seq).contiguous(), self.device)
+        local = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span].astype(np.int64)
+        windows = torch.from_numpy(local).unfold(0, self.seq + 1, self.seq)
+        return to_device(windows.contiguous(), self.device)  # one stride for every batch: no recompilation
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -912,9 +905,8 @@ class WeightAverager:
     def apply(self) -> str:
         if self.kind == "none" or (self.kind == "swa" and self.snapshots == 0):
             return f"weight_avg:{self.kind} applied:none (live weights exported)"
-        div = float(self.snapshots) if self.kind == "swa" else 1.0
         for p, a in zip(self.params, self.avg):
-            p.copy_(a / div)
+            p.copy_(a / self.snapshots if self.kind == "swa" else a)
         detail = f"decay:{self.args.ema_decay}" if self.kind == "ema" else f"snapshots:{self.snapshots}"
         return f"weight_avg:{self.kind} {detail} applied"
 
@@ -931,8 +923,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 
 
 class SharedClock:
-    """Training ms by the slowest rank's clock, read without draining the GPU: the host waits for step n-1 only, then
-    takes the maximum over ranks on a host-side group, so all ranks see the same value after the same step."""
+    """Training ms, the max over ranks (all stop after the same step), waiting for step n-1 only: no GPU drain."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.pending = rt, None
@@ -950,8 +941,7 @@ class SharedClock:
 
 
 class SizeEstimate:
-    """Once, early, what the weights would compress to (int6 round-to-nearest + LZMA), for the person watching: rank 0
-    copies them to pinned host memory on a side stream, a CPU thread compresses them: no extra GPU work."""
+    """Once, early, the weights' int6 RTN + LZMA size for the log, no GPU work: a side-stream copy, a CPU thread."""
 
     def __init__(self, rt: Runtime, log, cap: int):
         self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
@@ -1147,12 +1137,9 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
 def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
     """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
-    trials = []  # (error, q, scales)
-    for quantile in CLIP_QUANTILES:
-        scales = row_scales(w, quantile, qmax)
-        q = torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
-        trials.append(((dequantize(q, scales) - w).square().sum().item(), q, scales))
-    return min(trials, key=lambda trial: trial[0])[1:]
+    scales = (row_scales(w, quantile, qmax) for quantile in CLIP_QUANTILES)
+    trials = [(torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax).to(torch.int8), s) for s in scales]
+    return min(trials, key=lambda trial: (dequantize(*trial) - w).square().sum().item())
 
 
 def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128,
@@ -1175,11 +1162,9 @@ def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128
         i2 = min(i1 + block, w.size(1))
         wb, errs, hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
-            q[:, i1 + j:i1 + j + 1] = qj
-            err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
+            q[:, i1 + j:i1 + j + 1] = qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
+            errs[:, j:j + 1] = err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
             wb[:, j:] -= err * hb[j:j + 1, j:]
-            errs[:, j:j + 1] = err
         w[:, i2:] -= errs @ hinv[i1:i2, i2:]
     return q[:, torch.argsort(order)].to(torch.int8), scales
 
@@ -1228,12 +1213,10 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None 
     """The artifact: int6 for large matrices and embeddings (GPTQ given a Hessian), fp32 controls, fp16 the rest."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float()
-        if name.startswith(TRAINING_ONLY_PREFIXES):
-            continue
         if stored_as_int6(name, t):
             out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
-        else:
+        elif not name.startswith(TRAINING_ONLY_PREFIXES):
+            t = t.detach().float()
             out[name] = t.cpu() if any(c in name for c in CONTROL_TENSOR_NAMES) else t.half().cpu()
     return out
 
@@ -1265,17 +1248,15 @@ def entropy_bytes(entry: dict | Tensor) -> float:
 
 def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
                    log=print) -> bytes:
-    """The export: int6 (GPTQ given Hessians) + LZMA, rate-controlled to fit SIZE_CAP_BYTES with this script: while
-    over, the matrices whose next width down adds the least relative error per byte saved step down (as many as the
-    entropy estimate says the overshoot needs), each step logged. Raises SizeCapExceeded if int4 everywhere is over."""
+    """The export, rate-controlled to fit SIZE_CAP_BYTES with this script: while over, the matrices whose next width
+    down adds least error per byte saved step down (as many as the overshoot needs); SizeCapExceeded if int4 is over."""
     code_bytes = len(Path(__file__).read_bytes())
     budget = args.size_cap_bytes - code_bytes
-    state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     hessians = hessians or {}
-    qstate = quantize_state(state, hessians)
+    qstate = quantize_state(state_dict, hessians)  # without the training-only tensors
     bits = {name: 6 if isinstance(v, dict) else 16 for name, v in qstate.items()
             if isinstance(v, dict) or (v.ndim == 2 and v.dtype == torch.float16)}
-    errors = {name: quantization_error(state[name], qstate[name], hessians.get(name)) for name in bits}
+    errors = {name: quantization_error(state_dict[name], qstate[name], hessians.get(name)) for name in bits}
     blob, rung, trials = serialize_artifact(qstate), 0, {}  # trials: name -> (entry one width down, its error)
 
     def report(what: str):
@@ -1293,21 +1274,19 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
             check_size(len(blob), code_bytes, log, args.size_cap_bytes)  # logs the sizes and raises
         for name in names:
             if name not in trials:
-                entry = quantize_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
-                trials[name] = entry, quantization_error(state[name], entry, hessians.get(name))
+                entry = quantize_matrix(state_dict[name], hessians.get(name), NARROWER[bits[name]])
+                trials[name] = entry, quantization_error(state_dict[name], entry, hessians.get(name))
         saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
         cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
-        chosen, need, gained = [], len(blob) - budget, 0.0
-        for name in sorted(names, key=cost.get):
-            chosen.append(name)
+        need, gained = len(blob) - budget, 0.0
+        for chosen, name in enumerate(sorted(names, key=cost.get), 1):
+            qstate[name], errors[name] = trials.pop(name)
+            bits[name] = NARROWER[bits[name]]
             gained += saved[name]
             if gained >= 1.1 * need:  # LZMA gets near the entropy, not below it: a tenth more than the overshoot
                 break
-        for name in chosen:
-            qstate[name], errors[name] = trials.pop(name)
-            bits[name] = NARROWER[bits[name]]
         blob, rung = serialize_artifact(qstate), rung + 1
-        report(f"{len(chosen)} matrices one width down")
+        report(f"{chosen} matrices one width down")
     return blob
 
 
@@ -1461,9 +1440,8 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
             logits = logits_fn(ids)
         nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums[0] += torch.where(scored, nll, 0.0).sum()
-        sums[1] += scored.sum()
-        sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
+        sums += torch.stack((torch.where(scored, nll, 0.0).sum(), scored.sum(),  # nll, targets, bytes among them
+                             (scored & (ids >= BYTE_OFFSET)).sum()))
     return Totals(rt.all_reduce(sums))
 
 
@@ -1488,18 +1466,15 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
                       logits_fn=None) -> Totals:
     """Non-overlapping windows (neighbours share one byte) over the whole split, tail included, shared across ranks."""
     model.eval()
-    spans = plan_windows(len(tokens), args.window, args.window - 1)
-    totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                         eval_batch_seqs(args, rt), rt)
+    spans = rank_share(plan_windows(len(tokens), args.window, args.window - 1), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, spans, args.window, eval_batch_seqs(args, rt), rt)
     check_targets(totals, len(tokens), "standard")
     return totals
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
-    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks.
-    Only those require gradients: frozen and training-only weights neither need nor collect them."""
-    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
-    frozen |= {id(p) for p in model.projector.parameters()}
+    """TTT adapts the stored weights outside the first TTT_FREEZE_BLOCKS blocks, and only they require gradients."""
+    frozen = {id(p) for m in (*model.blocks[:args.ttt_freeze_blocks], model.projector) for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     return [p for p in model.parameters() if id(p) not in frozen]
@@ -1532,8 +1507,7 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
 
 def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params: list[Tensor], chunk: np.ndarray,
                    args: Hyperparameters, rt: Runtime) -> None:
-    """TTT_EPOCHS passes of SGD over the chunk's already-scored tokens, in windows overlapping by one byte;
-    each step's global batch of TTT_BATCH_SEQS windows is shared across ranks and its gradient summed."""
+    """TTT_EPOCHS of SGD on the chunk's scored tokens: windows sharing a byte, TTT_BATCH_SEQS a step across ranks."""
     starts = list(range(0, len(chunk) - args.window + 1, args.window - 1))
     model.train()
     for _ in range(args.ttt_epochs):
@@ -1555,9 +1529,8 @@ def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params:
 
 def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime, log,
                          adapt: bool, eval_t0: float) -> tuple[Totals, list[Totals]]:
-    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is scored in
-    inference mode before it is trained on, so no target touches a weight before its score is final; the last chunk
-    never is. Adaptation (never scoring) stops once one more chunk would project the finish past EVAL_MAX_SECONDS."""
+    """Sliding windows in TTT_CHUNK_TOKENS chunks; with `adapt` (score-first TTT) each chunk's scores are final before
+    it is trained on (the last never is). Adaptation, never scoring, stops if it would project past EVAL_MAX_SECONDS."""
     spans = plan_windows(len(tokens), args.window, args.val_sliding_stride, args.ttt_chunk_tokens)
     num_chunks = (len(tokens) + args.ttt_chunk_tokens - 1) // args.ttt_chunk_tokens
     by_chunk = [[] for _ in range(num_chunks)]
@@ -1590,8 +1563,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     f"scored without adaptation")
             else:
                 t = time.perf_counter()
-                for group in opt.param_groups:  # cosine decay across chunks
-                    group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
                 adapt_times.append(rt.now() - t)
@@ -1622,8 +1594,7 @@ class Logger:
         if self.master and console:
             print(msg, flush=True)
         if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            print(msg, file=self.file, flush=True)
 
     def close(self):
         if self.file:
@@ -1631,9 +1602,8 @@ class Logger:
 
 
 def describe_hardware(rt: Runtime) -> str:
-    if rt.cuda:
-        return f"{rt.world}x {torch.cuda.get_device_name(rt.device)}"
-    return f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return (f"{rt.world}x {torch.cuda.get_device_name(rt.device)}" if rt.cuda else
+            f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
 
 
 def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
@@ -1672,11 +1642,9 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
 
 
 def log_peak_memory(rt: Runtime, log) -> None:
-    if rt.cuda:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    else:
-        log(f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    log((f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+         f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB") if rt.cuda else
+        f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
 def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
@@ -1709,8 +1677,7 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
     """logs/<RUN_ID>.submission.json in the challenge's format, filled from this run only (null if unknown)."""
     if not rt.master:
         return
-    final = next((results[k] for k in ("final_ttt", "final_sliding", "final_int6_lzma_roundtrip") if k in results),
-                 None)
+    final = results.get("final_ttt") or results.get("final_sliding") or results.get("final_int6_lzma_roundtrip")
     prequant = results.get("final_prequant")
     on_track = rt.cuda and rt.world == 8 and 0 < args.max_wallclock_seconds <= 600 and not args.smoke
     info = dict(
@@ -1720,9 +1687,8 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
         track="10min_16mb" if on_track else "non_record", hardware=describe_hardware(rt), run_id=args.run_id,
         val_loss=final.loss if final else None, val_bpb=final.bpb if final else None,
         pre_quant_val_loss=prequant.loss if prequant else None, pre_quant_val_bpb=prequant.bpb if prequant else None,
-        step_stop=facts.get("step_stop"), wallclock_seconds=facts.get("wallclock_seconds"),
-        bytes_total=facts.get("bytes_total"), bytes_model_int6_lzma=facts.get("bytes_model_int6_lzma"),
-        bytes_code=facts.get("bytes_code"))
+        **{k: facts.get(k) for k in ("step_stop", "wallclock_seconds", "bytes_total", "bytes_model_int6_lzma",
+                                     "bytes_code")})
     path = Path("logs") / f"{args.run_id}.submission.json"
     path.write_text(json.dumps(info, indent=2) + "\n")
     log(f"submission: {path}")
