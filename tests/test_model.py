@@ -291,15 +291,18 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-4, atol=1e-4)
 
 
-def test_patch_embedding_reads_only_its_own_patch(tiny_args):
-    args = tiny_args()
+@pytest.mark.parametrize("ngrams", [0, 97])
+def test_patch_embedding_reads_only_its_own_patch_and_the_ngrams_ending_in_it(tiny_args, ngrams):
+    """Byte 5 (patch 1 of bytes 4..7) reaches patch 1, and with n-grams up to 4 bytes long also patch 2, whose
+    first byte ends a 4-gram starting at byte 5; never an earlier patch."""
+    args = tiny_args(NGRAM_BUCKETS=ngrams)
     model = randomize(train_gpt.build_model(args))
     ids = torch.randint(4, 260, (1, args.window))
     changed = ids.clone()
-    changed[0, 5] += 1  # patch 1 (bytes 4..7)
+    changed[0, 5] += 1
     a, b = model.embed_patches(ids), model.embed_patches(changed)
     differs = (a - b).abs().amax(dim=-1)[0] > 0
-    assert differs.tolist() == [i == 1 for i in range(args.window // args.patch_size)]
+    assert differs.tolist() == [i == 1 or (ngrams and i == 2) for i in range(args.window // args.patch_size)]
 
 
 def test_fake_quantize_int6_rounds_rows_to_63_levels():
@@ -357,7 +360,8 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     # the counter's dense encoder attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries; the
     # decoder's is T^2 keys, or with a window W, blocks of W queries against 2W keys (the analytic count is the
     # causal window's: query i meets min(i+1, W) keys)
-    patches, T, W = args.window // args.patch_size, args.window, args.decoder_window
+    patches, T = args.window // args.patch_size, args.window
+    W = args.decoder_window if args.decoder_window < T else 0  # a window as long as the sequence is no window
     keys = T * T if not W else -(-T // W) * W * 2 * W
     decoder = (3 if training else 1) * args.decoder_layers * 4 * args.decoder_dim * keys / args.train_seq_len
     windowed = sum(min(i + 1, W or T) for i in range(T))
