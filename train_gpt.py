@@ -711,10 +711,10 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
     component. Matmuls only: norms, RoPE, softmax and the losses' elementwise work are left out. Attention is
-    counted causally, as the kernels compute it: query i meets i+1 keys, 4 FLOPs per key and channel (QK^T and
-    AV). Training is forward + backward = 3x forward (the backward of x @ W gives both dx and dW), except SIGReg's
-    projection on fixed directions (2x); flash attention's recomputation in its backward is not counted (model
-    FLOPs, the MFU convention)."""
+    counted causally, as the kernels compute it: query i meets i+1 keys (in the decoder min(i+1, DECODER_WINDOW)),
+    4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the backward of x @ W
+    gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash attention's recomputation in
+    its backward is not counted (model FLOPs, the MFU convention)."""
     d, P, L, T, m, dd = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
     patches, W = T // P, min(args.decoder_window or T, T)
     kv = args.num_kv_heads * (d // args.num_heads)
