@@ -118,14 +118,15 @@ class Hyperparameters:
         self.decoder_layers = knob("DECODER_LAYERS", 7, lo=1)
         self.decoder_heads = knob("DECODER_HEADS", 4, lo=1)
         self.decoder_dim = knob("DECODER_DIM", None, int, lo=2) or self.model_dim  # byte decoder width; auto: MODEL_DIM
-        self.decoder_window = knob("DECODER_WINDOW", 0, lo=0)  # bytes a decoder position attends to; 0: the window
+        self.decoder_window = knob("DECODER_WINDOW", 128, lo=0)  # bytes a decoder position sees; 0: all (reference)
         self.latent_dim = knob("LATENT_DIM", 192, lo=1)  # JEPA latent, also the decoder's conditioning
-        self.latent_per_slot = knob("LATENT_PER_SLOT", False)  # one latent projection per byte slot (MegaByte)
-        self.latent_inject_layers = knob("LATENT_INJECT_LAYERS", 1, lo=1)  # decoder blocks fed the latent; 1: input
-        self.latent_norm = knob("LATENT_NORM", False)  # RMS-normalised latent into zero-initialised projections (H-Net)
-        self.ngram_buckets = knob("NGRAM_BUCKETS", 0, lo=0)  # hashed 2-4-gram embedding rows, patch and decoder; 0: off
+        self.latent_per_slot = knob("LATENT_PER_SLOT", True)  # one latent projection per byte slot (MegaByte)
+        self.latent_inject_layers = min(knob("LATENT_INJECT_LAYERS", 2, lo=1),  # decoder blocks fed the latent; 1:
+                                        self.decoder_layers)  # input only (reference); at most DECODER_LAYERS
+        self.latent_norm = knob("LATENT_NORM", True)  # RMS-normed latent, zero-init projections (H-Net)
+        self.ngram_buckets = knob("NGRAM_BUCKETS", 4096, lo=0)  # hashed 2-4-gram rows, patch and decoder; 0: off
         self.ngram_dim = knob("NGRAM_DIM", None, int, lo=1) or max(self.model_dim // 4, 1)  # their width (BLT)
-        self.smear_gate = knob("SMEAR_GATE", False)  # decoder input mixes in the previous position's, gated
+        self.smear_gate = knob("SMEAR_GATE", True)  # decoder input mixes in the previous position's, gated
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
         self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)  # reference 4-5
@@ -245,9 +246,6 @@ class Hyperparameters:
             if self.ttt_chunk_tokens % self.window:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
-        if self.latent_inject_layers > self.decoder_layers:
-            raise ConfigError(f"LATENT_INJECT_LAYERS={self.latent_inject_layers}: expected at most DECODER_LAYERS="
-                              f"{self.decoder_layers}")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
                               f"{self.num_layers}")
@@ -273,9 +271,8 @@ class Hyperparameters:
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
-PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260,  # as the challenge's exporter writes it
-                       "config": {"pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET,
-                                  "byte_count": 256}}
+PURE_BYTE_TOKENIZER = {"tokenizer_type": "pure_byte", "vocab_size": 260, "config": {  # the official exporter's
+    "pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET, "byte_count": 256}}
 
 
 def encode_document(text: str) -> np.ndarray:
@@ -289,9 +286,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    tmp.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
     os.replace(tmp, path)
 
 
@@ -299,9 +294,7 @@ def read_shard_header(path: Path) -> int:
     """Token count of a shard, after checking its magic, version and file size."""
     if not path.is_file():
         raise ConfigError(f"{path}: shard file not found")
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_INTS * 4)
-    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)  # fewer ints if the file is shorter
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: not a byte260 shard (expected magic {SHARD_MAGIC} and version {SHARD_VERSION} "
                           f"in a {HEADER_INTS * 4}-byte header)")
@@ -355,10 +348,9 @@ def check_inputs(args: Hyperparameters) -> None:
                           f"{args.vocab_size}, found {meta.get('tokenizer_type')!r} with {meta.get('vocab_size')!r}")
     if tokens.get("train", 1) == 0:
         raise ConfigError(f"DATA_PATH={args.data_path}: the training split (fineweb_train_*.bin) holds no tokens")
-    val_targets = tokens["val"] - 1
-    if val_targets < args.train_seq_len:
-        raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {val_targets} targets, fewer than "
-                          f"one window (TRAIN_SEQ_LEN={args.train_seq_len})")
+    if tokens["val"] <= args.train_seq_len:
+        raise ConfigError(f"DATA_PATH={args.data_path}: the validation split has {tokens['val'] - 1} targets, fewer "
+                          f"than one window (TRAIN_SEQ_LEN={args.train_seq_len})")
 
 
 def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
@@ -366,24 +358,21 @@ def load_validation_tokens(args: Hyperparameters) -> np.ndarray:
 
 
 class TokenStream:
-    """The training shards read in order, cycling; `take(n)` returns the next n tokens. The next shard is read
-    (and checked) in a background thread while this one is consumed, so crossing shards does not stall a step."""
+    """Training shards in order, cycling; a background thread reads (and checks) the next while this one is consumed."""
 
     def __init__(self, paths: list[Path], vocab_size: int):
-        self.paths, self.vocab_size = paths, vocab_size
+        self.paths, self.vocab_size, self.next_index, self.pos = paths, vocab_size, 1 % len(paths), 0
         self.reader = ThreadPoolExecutor(max_workers=1)
-        self.index, self.pos = 0, 0
         self.tokens = load_data_shard(paths[0], vocab_size)
-        self.upcoming = self.reader.submit(load_data_shard, paths[1 % len(paths)], vocab_size)
+        self.upcoming = self.reader.submit(load_data_shard, paths[self.next_index], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.paths)
                 self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises here, when reached
-                following = self.paths[(self.index + 1) % len(self.paths)]
-                self.upcoming = self.reader.submit(load_data_shard, following, self.vocab_size)
+                self.next_index = (self.next_index + 1) % len(self.paths)
+                self.upcoming = self.reader.submit(load_data_shard, self.paths[self.next_index], self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -391,22 +380,19 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step every rank takes its own contiguous span of the stream; spans of successive ranks and
-    micro-steps tile the stream in the same order whatever the world size, so a global batch is the same bytes
-    on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
+    """Per micro-step, rank r takes the r-th of W contiguous spans of the stream, so a global batch is the same
+    bytes on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
 
     def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
         self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
-        self.rank, self.world, self.device = rank, args.world_size, device
-        self.seq = args.train_seq_len
+        self.rank, self.world, self.device, self.seq = rank, args.world_size, device, args.train_seq_len
         self.seqs = args.train_batch_tokens // (8 * self.seq)  # per rank and micro-step
 
     def next_batch(self) -> Tensor:
         span = self.seqs * self.seq + 1
-        chunk = self.stream.take(span * self.world)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        # contiguous like every other batch of windows: one stride, no recompilation of a compiled model
-        return to_device(local.unfold(0, self.seq + 1, self.seq).contiguous(), self.device)
+        local = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span].astype(np.int64)
+        windows = torch.from_numpy(local).unfold(0, self.seq + 1, self.seq)
+        return to_device(windows.contiguous(), self.device)  # one stride for every batch: no recompilation
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -419,7 +405,6 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
     if (out_dir / "tokenizer.json").is_file():
         return
     from pydoc_data.topics import topics  # the standard library's help texts
-
     docs = [encode_document(topics[k]) for k in sorted(topics)]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_shard(out_dir / "fineweb_val_000000.bin", np.concatenate(docs[:num_val_docs]))
@@ -477,10 +462,12 @@ def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
-    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference."""
-    T = q.size(-2)
+    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference. Head sizes
+    are zero-padded to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
+    T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
-    return COMPILED_FLEX(q, k, v, block_mask=mask)
+    q, k, v = (F.pad(t.to(v.dtype), (0, (1 << (D - 1).bit_length()) - D)) for t in (q, k, v))
+    return COMPILED_FLEX(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
 
 
 COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)  # compiles at its first call only
@@ -769,10 +756,10 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
     component. Matmuls only: norms, RoPE, softmax and the losses' elementwise work are left out. Attention is
-    counted causally, as the kernels compute it: query i meets i+1 keys, 4 FLOPs per key and channel (QK^T and
-    AV). Training is forward + backward = 3x forward (the backward of x @ W gives both dx and dW), except SIGReg's
-    projection on fixed directions (2x); flash attention's recomputation in its backward is not counted (model
-    FLOPs, the MFU convention)."""
+    counted causally, as the kernels compute it: query i meets i+1 keys (in the decoder min(i+1, DECODER_WINDOW)),
+    4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the backward of x @ W
+    gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash attention's recomputation in
+    its backward is not counted (model FLOPs, the MFU convention)."""
     d, P, L, T, m, dd = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
     patches, W = T // P, min(args.decoder_window or T, T)
     kv = args.num_kv_heads * (d // args.num_heads)
@@ -814,15 +801,13 @@ def check_device(args: Hyperparameters) -> None:
 
 
 class Runtime:
-    """Where this process runs: CUDA with NCCL and bf16 autocast, or CPU with gloo in float32. TF32 stays off:
-    the only float32 matmuls left under autocast (SIGReg, GPTQ Hessians) are meant to be exact."""
+    """CUDA (NCCL, bf16 autocast) or CPU (gloo, float32). TF32 stays off: SIGReg's and GPTQ's matmuls must be exact."""
 
     def __init__(self, args: Hyperparameters):
         self.rank, self.world = int(os.environ.get("RANK", 0)), args.world_size
         self.master = self.rank == 0
         self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
         self.host_group = None  # host-side collectives (the training clock) that must not wait on the GPU stream
@@ -843,9 +828,11 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
-    def sync(self):
+    def now(self) -> float:
+        """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
         if self.cuda:
             torch.cuda.synchronize()
+        return time.perf_counter()
 
     def close(self):
         self.host_group = None  # a process group outliving destroy_process_group aborts the interpreter's exit
@@ -859,10 +846,8 @@ def all_reduce_grads(params: list[Tensor], rt: Runtime) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = rt.all_reduce(torch.cat([g.flatten() for g in grads]))
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
+    for p, g, part in zip(params, grads, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(g)
 
 
 def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
@@ -895,19 +880,16 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
+            updates = flat.split([p.numel() for p in params])  # views: filled below, then summed over ranks
+            for i, (p, update) in enumerate(zip(params, updates)):
                 if i % self.rt.world == self.rt.rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])
                     g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7) if group["row_norm"] else g
-                    update = newton_schulz_orthogonalize(g, group["backend_steps"])
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall matrices
-                    flat[offset:offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
+                    u = newton_schulz_orthogonalize(g, group["backend_steps"])
+                    update.copy_(u.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5)  # same RMS for tall matrices
             self.rt.all_reduce(flat)
-            updates = flat.split([p.numel() for p in params])
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
@@ -946,8 +928,7 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float 
     defaults to the knobs' cap."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
-        start = args.iterations - args.warmdown_iters
-        s = max(args.iterations - step, 0) / max(args.warmdown_iters, 1) if step >= start else 1.0
+        s = min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
     else:
         by_steps = args.warmdown_iters * elapsed_ms / max(step, 1)
         warmdown_ms = by_steps if args.warmdown_frac is None else args.warmdown_frac * cap_ms
@@ -969,15 +950,13 @@ def muon_momentum(step: int, args: Hyperparameters) -> float:
 
 
 class WeightAverager:
-    """EMA of the weights every step, or SWA: the mean of snapshots every SWA_EVERY steps once the LR scale is
-    below SWA_START_SCALE. `apply` writes the average into the model (what gets exported)."""
+    """EMA of the weights, or SWA: the mean of snapshots every SWA_EVERY steps once lr_scale < SWA_START_SCALE."""
 
     def __init__(self, model: nn.Module, args: Hyperparameters):
-        self.kind, self.args = args.weight_avg, args
+        self.kind, self.args, self.snapshots = args.weight_avg, args, 0
         self.params = list(model.parameters())
         self.avg = [p.detach().float().clone() for p in self.params] if self.kind == "ema" else \
             [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.snapshots = 0
 
     @torch.no_grad()
     def update(self, step: int, scale: float):
@@ -991,9 +970,8 @@ class WeightAverager:
     def apply(self) -> str:
         if self.kind == "none" or (self.kind == "swa" and self.snapshots == 0):
             return f"weight_avg:{self.kind} applied:none (live weights exported)"
-        div = float(self.snapshots) if self.kind == "swa" else 1.0
         for p, a in zip(self.params, self.avg):
-            p.copy_(a / div)
+            p.copy_(a / self.snapshots if self.kind == "swa" else a)
         detail = f"decay:{self.args.ema_decay}" if self.kind == "ema" else f"snapshots:{self.snapshots}"
         return f"weight_avg:{self.kind} {detail} applied"
 
@@ -1009,44 +987,26 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
                     ("L40S", 362.0), ("B200", 2250.0))  # dense bf16 per card, by name; the first match wins
 
 
-def bf16_peak_flops(rt: Runtime) -> float | None:
-    """The card's dense bf16 peak (FLOP/s), or None for CPUs and cards not in the table (no MFU is printed)."""
-    if not rt.cuda:
-        return None
-    name = torch.cuda.get_device_name(rt.device)
-    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
-
-
 class SharedClock:
-    """Training milliseconds by the slowest rank's clock, read without draining the GPU: after queueing step n
-    the host waits for the end of step n-1 only (step n keeps the GPU busy meanwhile), reads its clock and takes
-    the maximum over ranks on a host-side group. Every rank gets the same value after the same step, so the LR
-    schedule, late QAT and the stop step agree on all ranks. On CUDA the value trails the GPU by at most a step."""
+    """Training ms, the max over ranks (all stop after the same step), waiting for step n-1 only: no GPU drain."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.pending = rt, None
 
     def read(self, elapsed_ms: float) -> float:
         if self.rt.cuda:
-            done = torch.cuda.Event()
-            done.record()
-            if self.pending is not None:
-                self.pending.synchronize()
-            self.pending = done
+            previous, self.pending = self.pending, torch.cuda.current_stream().record_event()
+            if previous is not None:
+                previous.synchronize()
         if self.rt.world == 1:
             return elapsed_ms
         clock = torch.tensor([elapsed_ms], dtype=torch.float64)
         dist.all_reduce(clock, dist.ReduceOp.MAX, group=self.rt.host_group)
         return clock.item()
 
-    def restart(self):  # after a pause (validation) that drained the GPU
-        self.pending = None
-
 
 class SizeEstimate:
-    """Once, early in training, what the current weights would compress to (round-to-nearest int6 + LZMA), for
-    the person watching. Rank 0 copies them to pinned host memory on a side stream and a CPU thread compresses
-    them; the training stream waits for the copy only before its next optimizer step: no extra GPU work."""
+    """Once, early, the weights' int6 RTN + LZMA size for the log, no GPU work: a side-stream copy, a CPU thread."""
 
     def __init__(self, rt: Runtime, log, cap: int):
         self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
@@ -1060,8 +1020,7 @@ class SizeEstimate:
             with torch.cuda.stream(stream):
                 state = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                          for k, v in state.items()}
-                self.copied = torch.cuda.Event()
-                self.copied.record(stream)
+            self.copied = stream.record_event()
         self.future = self.worker.submit(self.report, step, state, self.copied)
 
     def report(self, step: int, state: dict[str, Tensor], copied):
@@ -1089,13 +1048,14 @@ class Trainer:
 
     def __init__(self, args: Hyperparameters, rt: Runtime, model: ByteJEPA, val_tokens: np.ndarray, log):
         self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
-        self.params = list(model.parameters())
-        self.optimizers = build_optimizers(model, args, rt)
+        self.params, self.optimizers = list(model.parameters()), build_optimizers(model, args, rt)
         self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
         self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
-        self.peak_flops, self.flops_per_byte = bf16_peak_flops(rt), sum(flops_per_byte(args, training=True).values())
+        card = torch.cuda.get_device_name(rt.device) if rt.cuda else ""  # CPUs and unknown cards: no MFU
+        self.peak_flops = next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in card), None)
+        self.flops_per_byte = sum(flops_per_byte(args, training=True).values())
 
     def step(self, step: int, scale: float, jepa: float = 1.0) -> Tensor:
         """One optimizer step over grad_accum_steps micro-batches, the JEPA terms weighted x jepa; returns the mean
@@ -1122,9 +1082,8 @@ class Trainer:
         return ce_total / accum
 
     def prime(self):
-        """Before the clock: WARMUP_STEPS real steps (compilation, allocator, kernels; the last half with late QAT
-        on so its recompilation is done too), the evaluation and TTT graphs, and the GPTQ reserve's measurement;
-        then weights, optimizer state and data order are restored."""
+        """Before the clock: WARMUP_STEPS real steps (compilation, kernels; the last half with late QAT, to compile it
+        too), the evaluation and TTT graphs, the GPTQ reserve; then weights, optimizer state and data are restored."""
         args = self.args
         measure = args.quant == "gptq" and args.gptq_reserve_seconds is None and args.max_wallclock_seconds > 0
         if not (args.warmup_steps or self.rt.compile or measure):
@@ -1149,11 +1108,9 @@ class Trainer:
     def measure_calibration_reserve(self) -> float:
         """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
         for _ in range(2):  # the second is timed: the first pays for warm-up
-            self.rt.sync()
-            t = time.perf_counter()
+            t = self.rt.now()
             collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
-        self.rt.sync()
-        batch_s = torch.tensor(time.perf_counter() - t, device=self.rt.device)
+        batch_s = torch.tensor(self.rt.now() - t, device=self.rt.device)
         batch_s = self.rt.all_reduce(batch_s, dist.ReduceOp.MAX).item()  # one reserve for every rank
         reserve = 1.5 * self.args.gptq_calib_batches * batch_s + 1.0
         self.log(f"gptq_reserve: auto {reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
@@ -1161,44 +1118,26 @@ class Trainer:
         self.model.train()
         return reserve
 
-    def validate(self, step: int, train_ms: float):
-        totals = evaluate_standard(self.model, self.val_tokens, self.args, self.rt)
-        self.log(f"step:{step}/{self.args.iterations} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f} "
-                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-
-    def throughput(self, step: int, elapsed_ms: float) -> str:
-        """Training bytes per second, and MFU against the card's bf16 peak where the card is known."""
-        bytes_per_s = step * self.args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
-        mfu = (f" mfu:{100.0 * self.flops_per_byte * bytes_per_s / (self.peak_flops * self.rt.world):.1f}%"
-               if self.peak_flops else "")
-        return f" bytes_per_s:{bytes_per_s:.0f}{mfu}"
-
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
         self.model.train()
         self.prime()
-        averager = WeightAverager(self.model, args)
+        averager, clock = WeightAverager(self.model, args), SharedClock(rt)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
-        clock = SharedClock(rt)
-        # shared_ms: training time by the slowest rank's clock, one schedule for all ranks
-        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
-        rt.sync()
-        t0 = time.perf_counter()
+        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False  # shared_ms: by SharedClock
+        t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
             # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
-            if (last and not args.prequant_eval) or (args.val_loss_every and step % args.val_loss_every == 0
-                                                     and not last):
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)
-                self.validate(step, train_ms)
+            if (not args.prequant_eval) if last else (args.val_loss_every and step % args.val_loss_every == 0):
+                train_ms += 1000.0 * (rt.now() - t0)
+                val = evaluate_standard(self.model, self.val_tokens, args, rt)
+                log(f"step:{step}/{args.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
                 self.model.train()
-                rt.sync()
-                clock.restart()
-                t0 = time.perf_counter()
+                t0 = rt.now()
             if last:
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)
+                train_ms += 1000.0 * (rt.now() - t0)
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
                 break
@@ -1215,8 +1154,11 @@ class Trainer:
             if step % args.train_log_every == 0 or step <= 10:
                 ce = rt.all_reduce(ce) / rt.world
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+                bytes_per_s = step * args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
+                mfu = (f" mfu:{100.0 * self.flops_per_byte * bytes_per_s / (self.peak_flops * rt.world):.1f}%"
+                       if self.peak_flops else "")
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                    f"step_avg:{elapsed_ms / step:.2f}ms{self.throughput(step, elapsed_ms)}")
+                    f"step_avg:{elapsed_ms / step:.2f}ms bytes_per_s:{bytes_per_s:.0f}{mfu}")
             if cap_ms > 0:
                 shared_ms = clock.read(train_ms + 1000.0 * (time.perf_counter() - t0))
                 # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
@@ -1248,18 +1190,10 @@ def stored_as_int6(name: str, t: Tensor) -> bool:
             and not any(c in name for c in CONTROL_TENSOR_NAMES))
 
 
-def qmax_of(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
 def row_scales(w: Tensor, quantile: float, qmax: int = QMAX) -> Tensor:
     """Per-row fp16 scales that map the row's `quantile` of |w| to qmax (all-zero rows get scale 1)."""
     clip = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1.0 else w.abs().amax(dim=1)
     return torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).half()
-
-
-def quantize_with_scales(w: Tensor, scales: Tensor, qmax: int = QMAX) -> Tensor:
-    return torch.clamp(torch.round(w / scales.float()[:, None]), -qmax, qmax).to(torch.int8)
 
 
 def dequantize(q: Tensor, scales: Tensor) -> Tensor:
@@ -1269,21 +1203,15 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
 def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
     """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
-    best = None
-    for quantile in CLIP_QUANTILES:
-        scales = row_scales(w, quantile, qmax)
-        q = quantize_with_scales(w, scales, qmax)
-        err = (dequantize(q, scales) - w).square().sum().item()
-        if best is None or err < best[0]:
-            best = (err, q, scales)
-    return best[1], best[2]
+    scales = (row_scales(w, quantile, qmax) for quantile in CLIP_QUANTILES)
+    trials = [(torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax).to(torch.int8), s) for s in scales]
+    return min(trials, key=lambda trial: (dequantize(*trial) - w).square().sum().item())
 
 
 def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128,
                   damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """GPTQ: quantise columns one at a time (largest Hessian diagonal first) and push each column's rounding
-    error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs, so the
-    layer's outputs on calibration data move as little as possible. Scales are the RTN choice."""
+    """GPTQ: quantise columns one at a time (largest Hessian diagonal first), pushing each one's rounding error onto
+    later columns through the inverse Hessian, so the layer's outputs on calibration data move least. RTN's scales."""
     w = w.float().clone()
     _, scales = quantize_rtn(w, qmax)
     s = scales.float()[:, None]
@@ -1300,11 +1228,9 @@ def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128
         i2 = min(i1 + block, w.size(1))
         wb, errs, hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
-            q[:, i1 + j:i1 + j + 1] = qj
-            err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
+            q[:, i1 + j:i1 + j + 1] = qj = torch.clamp(torch.round(wb[:, j:j + 1] / s), -qmax, qmax)
+            errs[:, j:j + 1] = err = (wb[:, j:j + 1] - qj * s) / hb[j, j]
             wb[:, j:] -= err * hb[j:j + 1, j:]
-            errs[:, j:j + 1] = err
         w[:, i2:] -= errs @ hinv[i1:i2, i2:]
     return q[:, torch.argsort(order)].to(torch.int8), scales
 
@@ -1312,24 +1238,22 @@ def quantize_gptq(w: Tensor, hessian: Tensor, qmax: int = QMAX, block: int = 128
 @torch.no_grad()
 def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
                      batches: int | None = None) -> dict[str, Tensor]:
-    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES (or `batches`) training
-    micro-batches per rank (training data only, as the rules require), averaged over all rows and ranks. The
-    q, k and v projections read the same input: one Hessian serves the three."""
+    """X^T X of the inputs of every int6 linear layer over GPTQ_CALIB_BATCHES (or `batches`) training micro-batches
+    per rank (training data only, as the rules require), averaged over rows and ranks; q, k and v share one."""
     int6 = {name: m for name, m in model.named_modules()
             if isinstance(m, CastedLinear) and stored_as_int6(f"{name}.weight", m.weight)}
     shared = {name: name[:-1] + "q" for name in int6 if name.endswith((".k", ".v")) and name[:-1] + "q" in int6}
     layers = {name: m for name, m in int6.items() if name not in shared}
-    sums = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in layers.items()}
+    slot = {m: i for i, m in enumerate(layers.values())}
+    sums = [torch.zeros(m.in_features, m.in_features, device=rt.device) for m in layers.values()]
     rows = torch.zeros(len(layers), device=rt.device)
 
-    def hook(i, name):
-        def accumulate(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            sums[name].addmm_(x.T, x)
-            rows[i] += x.size(0)
-        return accumulate
+    def accumulate(module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+        sums[slot[module]].addmm_(x.T, x)
+        rows[slot[module]] += x.size(0)
 
-    handles = [m.register_forward_hook(hook(i, name)) for i, (name, m) in enumerate(layers.items())]
+    handles = [m.register_forward_hook(accumulate) for m in layers.values()]
     model.eval()
     try:
         for _ in range(batches or args.gptq_calib_batches):
@@ -1339,38 +1263,28 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
         for handle in handles:
             handle.remove()
     rt.all_reduce(rows)
-    hessians = {name: rt.all_reduce(sums[name]) / rows[i] for i, name in enumerate(layers)}
+    hessians = {name: rt.all_reduce(sums[i]) / rows[i] for i, name in enumerate(layers)}
     return {f"{name}.weight": hessians[shared.get(name, name)] for name in int6}
 
 
 def quantize_matrix(w: Tensor, hessian: Tensor | None, bits: int = 6) -> dict:
-    """One stored matrix: {"q": int8 values in [-qmax, qmax], "scale": fp16 per row}, by GPTQ where a Hessian
-    is given, else round-to-nearest. The work runs where w is; the result is on the CPU."""
-    qmax = qmax_of(bits)
+    """{"q": int8 in [-qmax, qmax], "scale": fp16 per row} on the CPU; GPTQ given a Hessian, else RTN, on w's device."""
+    qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
     q, scales = quantize_gptq(w, hessian.to(w.device), qmax) if hessian is not None else quantize_rtn(w, qmax)
     return {"q": q.cpu(), "scale": scales.cpu()}
 
 
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None = None) -> dict:
-    """The artifact's content: int6 + per-row fp16 scales for large matrices and embeddings (GPTQ where a
-    Hessian is given), fp32 control tensors, fp16 for the rest; training-only tensors left out."""
+    """The artifact: int6 for large matrices and embeddings (GPTQ given a Hessian), fp32 controls, fp16 the rest."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float()
-        if name.startswith(TRAINING_ONLY_PREFIXES):
-            continue
         if stored_as_int6(name, t):
             out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
-        elif any(c in name for c in CONTROL_TENSOR_NAMES):
-            out[name] = t.cpu()
-        else:
-            out[name] = t.half().cpu()
+        elif not name.startswith(TRAINING_ONLY_PREFIXES):
+            t = t.detach().float()
+            out[name] = t.cpu() if any(c in name for c in CONTROL_TENSOR_NAMES) else t.half().cpu()
     return out
-
-
-def dequantize_state(qstate: dict) -> dict[str, Tensor]:
-    return {name: dequantize(v["q"], v["scale"]) if isinstance(v, dict) else v.float() for name, v in qstate.items()}
 
 
 def serialize_artifact(qstate: dict) -> bytes:
@@ -1379,14 +1293,8 @@ def serialize_artifact(qstate: dict) -> bytes:
     return lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, preset=9)
 
 
-def store_matrix(w: Tensor, hessian: Tensor | None, bits: int) -> dict | Tensor:
-    """A matrix at a width of the ladder: fp16 as it is, else quantised (int8, int6, int5, int4)."""
-    return w.detach().half().cpu() if bits == 16 else quantize_matrix(w, hessian, bits)
-
-
 def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
-    """Relative reconstruction error of a stored matrix: ||E||^2 / ||W||^2, Hessian-weighted (tr(E H E^T) /
-    tr(W H W^T), the change of the layer's outputs on calibration data) where the layer has a Hessian."""
+    """||E||^2 / ||W||^2 of a stored matrix, or tr(E H E^T) / tr(W H W^T) (its outputs' change) given a Hessian."""
     w = w.detach().float()
     stored = dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()
     e = w - stored.to(w.device)
@@ -1406,22 +1314,16 @@ def entropy_bytes(entry: dict | Tensor) -> float:
 
 def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessians: dict[str, Tensor] | None = None,
                    log=print) -> bytes:
-    """The whole export: quantised (int6; GPTQ where Hessians are given), compressed, and rate-controlled so that
-    it fits SIZE_CAP_BYTES together with this script. While it does not, the matrices whose next width down the
-    ladder (fp16 -> int8 -> int6 -> int5 -> int4) adds the least relative error per byte saved are stepped down,
-    as many per step as the entropy estimate says the overshoot needs; every step is compressed, measured and
-    logged. Control tensors and vectors stay as they are. Raises SizeCapExceeded when even int4 everywhere does
-    not fit."""
+    """The export, rate-controlled to fit SIZE_CAP_BYTES with this script: while over, the matrices whose next width
+    down adds least error per byte saved step down (as many as the overshoot needs); SizeCapExceeded if int4 is over."""
     code_bytes = len(Path(__file__).read_bytes())
     budget = args.size_cap_bytes - code_bytes
-    state = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     hessians = hessians or {}
-    qstate = quantize_state(state, hessians)
+    qstate = quantize_state(state_dict, hessians)  # without the training-only tensors
     bits = {name: 6 if isinstance(v, dict) else 16 for name, v in qstate.items()
             if isinstance(v, dict) or (v.ndim == 2 and v.dtype == torch.float16)}
-    errors = {name: quantization_error(state[name], qstate[name], hessians.get(name)) for name in bits}
-    blob, rung = serialize_artifact(qstate), 0
-    trials = {}  # name -> (entry one width down, its error)
+    errors = {name: quantization_error(state_dict[name], qstate[name], hessians.get(name)) for name in bits}
+    blob, rung, trials = serialize_artifact(qstate), 0, {}  # trials: name -> (entry one width down, its error)
 
     def report(what: str):
         total, counts = len(blob) + code_bytes, sorted(collections.Counter(bits.values()).items(), reverse=True)
@@ -1438,27 +1340,24 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
             check_size(len(blob), code_bytes, log, args.size_cap_bytes)  # logs the sizes and raises
         for name in names:
             if name not in trials:
-                entry = store_matrix(state[name], hessians.get(name), NARROWER[bits[name]])
-                trials[name] = entry, quantization_error(state[name], entry, hessians.get(name))
+                entry = quantize_matrix(state_dict[name], hessians.get(name), NARROWER[bits[name]])
+                trials[name] = entry, quantization_error(state_dict[name], entry, hessians.get(name))
         saved = {n: entropy_bytes(qstate[n]) - entropy_bytes(trials[n][0]) for n in names}
         cost = {n: (trials[n][1] - errors[n]) / max(saved[n], 1.0) for n in names}
-        chosen, need, gained = [], len(blob) - budget, 0.0
-        for name in sorted(names, key=cost.get):
-            chosen.append(name)
+        need, gained = len(blob) - budget, 0.0
+        for chosen, name in enumerate(sorted(names, key=cost.get), 1):
+            qstate[name], errors[name] = trials.pop(name)
+            bits[name] = NARROWER[bits[name]]
             gained += saved[name]
             if gained >= 1.1 * need:  # LZMA gets near the entropy, not below it: a tenth more than the overshoot
                 break
-        for name in chosen:
-            qstate[name], errors[name] = trials.pop(name)
-            bits[name] = NARROWER[bits[name]]
         blob, rung = serialize_artifact(qstate), rung + 1
-        report(f"{len(chosen)} matrices one width down")
+        report(f"{chosen} matrices one width down")
     return blob
 
 
 def read_artifact(path: str | Path) -> dict:
-    """The artifact's quantised dict, checked against the format (see README); a damaged or foreign file is a
-    ConfigError that says what is wrong, never a decoder's traceback."""
+    """The artifact's quantised dict, checked against the format (README); a bad file is a one-line ConfigError."""
     where = f"EVAL_ONLY={path}"
     try:
         data = Path(path).read_bytes()
@@ -1497,8 +1396,9 @@ def read_artifact(path: str | Path) -> dict:
 
 def load_artifact(path: str | Path, args: Hyperparameters) -> ByteJEPA:
     """A fresh model (CPU, float32) holding the artifact's dequantised weights; QAT off."""
-    model = build_model(args)
-    state, own = dequantize_state(read_artifact(path)), model.state_dict()
+    model, stored = build_model(args), read_artifact(path)
+    state = {k: dequantize(v["q"], v["scale"]) if isinstance(v, dict) else v.float() for k, v in stored.items()}
+    own = model.state_dict()
     absent = [k for k in own if k not in state and not k.startswith(TRAINING_ONLY_PREFIXES)]
     wrong = [f"{k} {tuple(v.shape)}" for k, v in state.items() if k not in own or v.shape != own[k].shape]
     if absent or wrong:
@@ -1528,22 +1428,14 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     fits, error = torch.ones((), device=rt.device), SizeCapExceeded(f"SIZE_CAP_BYTES={args.size_cap_bytes}: over")
     if rt.master:
         try:
-            blob = build_artifact(model.state_dict(), args, hessians, log)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
+            tmp.write_bytes(build_artifact(model.state_dict(), args, hessians, log))
             os.replace(tmp, path)
         except SizeCapExceeded as e:
             fits, error = fits.zero_(), e
     if rt.all_reduce(fits, dist.ReduceOp.MIN).item() == 0:  # every rank stops, not only the one that knows
         raise error
     return path
-
-
-def account_sizes(path: Path, log, cap: int = SIZE_CAP_BYTES) -> dict:
-    """The artifact's and this script's bytes, logged and checked against the cap."""
-    sizes = dict(bytes_model_int6_lzma=path.stat().st_size, bytes_code=len(Path(__file__).read_bytes()))
-    sizes["bytes_total"] = check_size(sizes["bytes_model_int6_lzma"], sizes["bytes_code"], log, cap)
-    return sizes
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1561,9 +1453,6 @@ class Totals:
     def __init__(self, values: Tensor | None = None):
         self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
 
-    def __add__(self, other: Totals) -> Totals:
-        return Totals(self.values + other.values)
-
     @property
     def loss(self) -> float:
         return self.values[0].item() / max(self.values[1].item(), 1.0)
@@ -1578,10 +1467,9 @@ class Totals:
 
 
 def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 0) -> list[tuple[int, int, int]]:
-    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Targets 1..num_tokens-1
-    are each scored exactly once: the first window scores all its targets, later ones the next `stride`
-    targets, each in the window ending at its last scored target (the most left context). With chunk_tokens,
-    no scored range crosses a multiple of it, so every window belongs to one chunk."""
+    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Each target 1..num_tokens-1 is
+    scored once: the first window scores all its targets, later ones the next `stride`, each in the window ending at its
+    last scored target (the most left context). With chunk_tokens, no scored range crosses a multiple of it."""
     if num_tokens < window:
         raise ValueError(f"{num_tokens} tokens cannot fill one window of {window}")
     spans, lo = [], 1
@@ -1596,8 +1484,7 @@ def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 
 
 def rank_share(items: list, rt: Runtime) -> list:
     """This rank's contiguous share of a list (sizes differ by at most one)."""
-    n = len(items)
-    return items[rt.rank * n // rt.world:(rt.rank + 1) * n // rt.world]
+    return items[rt.rank * len(items) // rt.world:(rt.rank + 1) * len(items) // rt.world]
 
 
 def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: torch.device) -> Tensor:
@@ -1607,8 +1494,7 @@ def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: t
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
                 rt: Runtime) -> Totals:
-    """Sums over the spans every rank was given, all-reduced (each rank passes its own share). Short batches are
-    padded with windows that score nothing, so every forward has one shape and a compiled model compiles once."""
+    """Sums over each rank's own spans, all-reduced; padding windows that score nothing give every batch one shape."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
     for i in range(0, len(spans), batch_seqs):
@@ -1620,15 +1506,13 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
             logits = logits_fn(ids)
         nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums[0] += torch.where(scored, nll, 0.0).sum()
-        sums[1] += scored.sum()
-        sums[2] += (scored & (ids >= BYTE_OFFSET)).sum()
+        sums += torch.stack((torch.where(scored, nll, 0.0).sum(), scored.sum(),  # nll, targets, bytes among them
+                             (scored & (ids >= BYTE_OFFSET)).sum()))
     return Totals(rt.all_reduce(sums))
 
 
 def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
-    """Windows per forward in every evaluation: VAL_BATCH_SIZE's share, capped by a TTT chunk's windows per
-    rank, so standard, sliding and TTT scoring share one shape and a compiled model compiles once."""
+    """Windows per forward: VAL_BATCH_SIZE's share, capped by a TTT chunk's windows per rank: one shape, one compile."""
     per_chunk = -(-args.ttt_chunk_tokens // args.val_sliding_stride)
     return max(1, min(args.val_batch_size // (8 * args.train_seq_len), -(-per_chunk // rt.world)))
 
@@ -1646,32 +1530,26 @@ def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
 
 def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime,
                       logits_fn=None) -> Totals:
-    """Non-overlapping windows (consecutive windows share one byte, a target of the first and context of the
-    next) over the whole split, the tail included, shared across ranks."""
+    """Non-overlapping windows (neighbours share one byte) over the whole split, tail included, shared across ranks."""
     model.eval()
-    spans = plan_windows(len(tokens), args.window, args.window - 1)
-    totals = score_spans(logits_fn or model.forward_logits, tokens, rank_share(spans, rt), args.window,
-                         eval_batch_seqs(args, rt), rt)
+    spans = rank_share(plan_windows(len(tokens), args.window, args.window - 1), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, spans, args.window, eval_batch_seqs(args, rt), rt)
     check_targets(totals, len(tokens), "standard")
     return totals
 
 
 def ttt_parameters(model: ByteJEPA, args: Hyperparameters) -> list[nn.Parameter]:
-    """What test-time training adapts: every stored weight outside the first TTT_FREEZE_BLOCKS encoder blocks.
-    Only those require gradients: frozen and training-only weights neither need nor collect them."""
-    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
-    frozen |= {id(p) for p in model.projector.parameters()}
+    """TTT adapts the stored weights outside the first TTT_FREEZE_BLOCKS blocks, and only they require gradients."""
+    frozen = {id(p) for m in (*model.blocks[:args.ttt_freeze_blocks], model.projector) for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
 def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime):
-    """Compiles the scoring graph and TTT's forward+backward at their evaluation shapes, before any clock runs.
-    Compiled graphs are cached per code object, so the artifact's fresh model reuses them rather than compiling
-    inside the evaluation budget. The caller restores the weights."""
-    ids = loader.next_batch()  # training windows of the evaluation's width; their content does not matter
-    rows = eval_batch_seqs(args, rt)
+    """Compiles the scoring graph and TTT's forward+backward at their evaluation shapes before any clock runs: graphs
+    are cached per code object, so the artifact's fresh model reuses them. The caller restores the weights."""
+    ids, rows = loader.next_batch(), eval_batch_seqs(args, rt)  # windows of the evaluation's width; content is moot
     ids = ids.repeat(-(-rows // ids.size(0)), 1)
     score = logits_function(model, rt)
     model.eval()
@@ -1695,8 +1573,7 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
 
 def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params: list[Tensor], chunk: np.ndarray,
                    args: Hyperparameters, rt: Runtime) -> None:
-    """TTT_EPOCHS passes of SGD over the chunk's already-scored tokens, in windows overlapping by one byte;
-    each step's global batch of TTT_BATCH_SEQS windows is shared across ranks and its gradient summed."""
+    """TTT_EPOCHS of SGD on the chunk's scored tokens: windows sharing a byte, TTT_BATCH_SEQS a step across ranks."""
     starts = list(range(0, len(chunk) - args.window + 1, args.window - 1))
     model.train()
     for _ in range(args.ttt_epochs):
@@ -1718,16 +1595,14 @@ def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params:
 
 def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters, rt: Runtime, log,
                          adapt: bool, eval_t0: float) -> tuple[Totals, list[Totals]]:
-    """Sliding-window evaluation in chunks of TTT_CHUNK_TOKENS. With `adapt` (score-first TTT), each chunk is
-    first scored in inference mode and only then trained on, so no target touches a weight before its score
-    is final; the last chunk is never trained on. Adaptation stops (scoring never does) once adapting one
-    more chunk would project the finish past EVAL_MAX_SECONDS. Returns the totals and per-chunk totals."""
+    """Sliding windows in TTT_CHUNK_TOKENS chunks; with `adapt` (score-first TTT) each chunk's scores are final before
+    it is trained on (the last never is). Adaptation, never scoring, stops if it would project past EVAL_MAX_SECONDS."""
     spans = plan_windows(len(tokens), args.window, args.val_sliding_stride, args.ttt_chunk_tokens)
     num_chunks = (len(tokens) + args.ttt_chunk_tokens - 1) // args.ttt_chunk_tokens
     by_chunk = [[] for _ in range(num_chunks)]
     for span in spans:
         by_chunk[span[1] // args.ttt_chunk_tokens].append(span)
-    logits_fn = logits_function(model, rt)
+    logits_fn, batch_seqs = logits_function(model, rt), eval_batch_seqs(args, rt)
     params = ttt_parameters(model, args)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
     loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
@@ -1736,12 +1611,10 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
-        rt.sync()
-        t = time.perf_counter()
-        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window,
-                                   eval_batch_seqs(args, rt), rt)
+        t = rt.now()
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
         per_chunk.append(chunk_totals)
-        totals = totals + chunk_totals
+        totals.values += chunk_totals.values
         score_times.append(time.perf_counter() - t)  # Totals are on the host: the scoring has finished
         if adapting and c < num_chunks - 1:
             # rates leave out the first scoring and the first adaptation, which include compilation
@@ -1756,12 +1629,10 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
                     f"scored without adaptation")
             else:
                 t = time.perf_counter()
-                for group in opt.param_groups:  # cosine decay across chunks
-                    group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                 lo, hi = c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, len(tokens))
                 adapt_on_chunk(model, loss_fn, opt, params, tokens[lo:hi], args, rt)
-                rt.sync()
-                adapt_times.append(time.perf_counter() - t)
+                adapt_times.append(rt.now() - t)
         if (c + 1) % args.ttt_log_every == 0 or c == num_chunks - 1:
             log(f"{name}_chunk:{c + 1}/{num_chunks} running_bpb:{totals.bpb:.4f} "
                 f"elapsed:{time.perf_counter() - eval_t0:.1f}s score:{sum(score_times):.1f}s "
@@ -1783,16 +1654,13 @@ class Logger:
         self.master, self.file = master, None
         if master:
             Path("logs").mkdir(exist_ok=True)
-            self.path = Path("logs") / f"{run_id}.txt"
-            self.file = open(self.path, "a", encoding="utf-8")
+            self.file = open(Path("logs") / f"{run_id}.txt", "a", encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True):
-        if not self.master:
-            return
-        if console:
+        if self.master and console:
             print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file:
+            print(msg, file=self.file, flush=True)
 
     def close(self):
         if self.file:
@@ -1800,9 +1668,8 @@ class Logger:
 
 
 def describe_hardware(rt: Runtime) -> str:
-    if rt.cuda:
-        return f"{rt.world}x {torch.cuda.get_device_name(rt.device)}"
-    return f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return (f"{rt.world}x {torch.cuda.get_device_name(rt.device)}" if rt.cuda else
+            f"{rt.world} process(es) on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
 
 
 def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
@@ -1829,7 +1696,7 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
     the decoder attention's span and kernel."""
     kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
     window = args.decoder_window if 0 < args.decoder_window < args.window else 0
-    log(f"decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
+    log("decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
     totals, linear = {}, {}
     for kind, training in (("train", True), ("eval", False)):
         parts = flops_per_byte(args, training)
@@ -1841,11 +1708,9 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
 
 
 def log_peak_memory(rt: Runtime, log) -> None:
-    if rt.cuda:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    else:
-        log(f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    log((f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+         f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB") if rt.cuda else
+        f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
 def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
@@ -1857,25 +1722,18 @@ def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> 
 
 
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:
-    """The evaluations chosen by the knobs, all on the artifact's round-tripped weights; the clock starts
-    when the artifact is read. The last one run gives the reported score."""
+    """The evaluations the knobs choose, on the artifact's weights, timed from reading it; the last gives the score."""
     t0 = time.perf_counter()
-    model = load_artifact(path, args).to(rt.device)
-    results = {}
-
-    def elapsed_ms():
-        rt.sync()
-        return 1000.0 * (time.perf_counter() - t0)
-
+    model, results = load_artifact(path, args).to(rt.device), {}
     if args.roundtrip_eval:
         label = "final_int6_lzma_roundtrip"
         results[label] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
-        log_final(log, label, results[label], elapsed_ms())
+        log_final(log, label, results[label], 1000.0 * (rt.now() - t0))
     for label, enabled, adapt in (("final_sliding", args.sliding_eval, False), ("final_ttt", args.ttt_enabled, True)):
         if enabled:
             results[label], _ = evaluate_score_first(model, val_tokens, args, rt, log, adapt, t0)
-            log_final(log, label, results[label], elapsed_ms())
-    total_ms = elapsed_ms()
+            log_final(log, label, results[label], 1000.0 * (rt.now() - t0))
+    total_ms = 1000.0 * (rt.now() - t0)
     projected = f" projected_8gpu:{total_ms * rt.world / 8:.0f}ms" if rt.world < 8 else ""
     log(f"eval_total_time:{total_ms:.0f}ms{projected} (budget EVAL_MAX_SECONDS={args.eval_max_seconds:.0f}s)")
     return results
@@ -1885,8 +1743,7 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
     """logs/<RUN_ID>.submission.json in the challenge's format, filled from this run only (null if unknown)."""
     if not rt.master:
         return
-    final = next((results[k] for k in ("final_ttt", "final_sliding", "final_int6_lzma_roundtrip") if k in results),
-                 None)
+    final = results.get("final_ttt") or results.get("final_sliding") or results.get("final_int6_lzma_roundtrip")
     prequant = results.get("final_prequant")
     on_track = rt.cuda and rt.world == 8 and 0 < args.max_wallclock_seconds <= 600 and not args.smoke
     info = dict(
@@ -1896,9 +1753,8 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
         track="10min_16mb" if on_track else "non_record", hardware=describe_hardware(rt), run_id=args.run_id,
         val_loss=final.loss if final else None, val_bpb=final.bpb if final else None,
         pre_quant_val_loss=prequant.loss if prequant else None, pre_quant_val_bpb=prequant.bpb if prequant else None,
-        step_stop=facts.get("step_stop"), wallclock_seconds=facts.get("wallclock_seconds"),
-        bytes_total=facts.get("bytes_total"), bytes_model_int6_lzma=facts.get("bytes_model_int6_lzma"),
-        bytes_code=facts.get("bytes_code"))
+        **{k: facts.get(k) for k in ("step_stop", "wallclock_seconds", "bytes_total", "bytes_model_int6_lzma",
+                                     "bytes_code")})
     path = Path("logs") / f"{args.run_id}.submission.json"
     path.write_text(json.dumps(info, indent=2) + "\n")
     log(f"submission: {path}")
@@ -1915,11 +1771,9 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     facts.update(trainer.run())
     hessians = None
     if args.quant == "gptq":
-        rt.sync()
-        t = time.perf_counter()
+        t = rt.now()
         hessians = collect_hessians(model, trainer.loader, args, rt)
-        rt.sync()
-        calib_s = time.perf_counter() - t
+        calib_s = rt.now() - t
         log(f"gptq_calibration: {args.gptq_calib_batches} batches/rank in {calib_s:.2f}s "
             f"(reserved {trainer.calibration_reserve:.2f}s)")
         used = facts["wallclock_seconds"] + calib_s
@@ -1938,7 +1792,9 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
-    facts.update(account_sizes(path, log, args.size_cap_bytes))  # past the cap, the run ends here
+    model_bytes, code_bytes = path.stat().st_size, len(Path(__file__).read_bytes())
+    total = check_size(model_bytes, code_bytes, log, args.size_cap_bytes)  # past the cap, the run ends here
+    facts.update(bytes_model_int6_lzma=model_bytes, bytes_code=code_bytes, bytes_total=total)
     log_peak_memory(rt, log)
     if model is not None and args.prequant_eval:
         results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)

@@ -30,6 +30,11 @@ TINY = dict(
     TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LOG_EVERY="1", SEED="7",
 )
 
+# The reference entry's configuration (24,593,530 parameters): the knobs whose defaults have moved, at the values
+# that reproduce it. The README's reproduce line holds exactly these (tests/test_model.py checks both).
+REFERENCE = dict(DECODER_WINDOW="0", LATENT_PER_SLOT="0", LATENT_INJECT_LAYERS="1", LATENT_NORM="0",
+                 NGRAM_BUCKETS="0", SMEAR_GATE="0")
+
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house", "in", "sun")
 
 

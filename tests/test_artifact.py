@@ -21,6 +21,9 @@ WIDE = dict(MODEL_DIM=192)
 WIDE_INT6 = {"patch_proj.weight", "predictor.fc.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight",
              "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight", "dec_blocks.0.mlp.fc.weight",
              "dec_blocks.0.mlp.proj.weight"}
+# the n-gram tables (4096 x MODEL_DIM/4) are large enough for int6 too: stored like matrices, but not linear
+# layers, so no Hessian (round-to-nearest) and no QAT
+TABLES = {"patch_ngrams.table.weight", "dec_ngrams.table.weight"}
 CPU = torch.device("cpu")
 
 
@@ -271,7 +274,7 @@ def test_quantize_state_layout(wide_model):
     assert any(k.startswith("projector.") for k in state) and state["projector.fc.weight"].numel() > 65_536
     assert set(qstate) == stored  # training-only tensors left out, everything else kept
     int6 = {k for k, v in qstate.items() if isinstance(v, dict)}
-    assert int6 == WIDE_INT6
+    assert int6 == WIDE_INT6 | TABLES
     for name, v in qstate.items():
         t = state[name]
         if name in int6:
@@ -316,7 +319,7 @@ def test_round_trip_weights_are_within_half_a_step_of_the_originals(realistic_wi
     path = tmp_path / "a.ptz"
     path.write_bytes(blob)
     got = train_gpt.load_artifact(path, args).state_dict()
-    assert {k for k, v in decoded.items() if isinstance(v, dict)} == WIDE_INT6
+    assert {k for k, v in decoded.items() if isinstance(v, dict)} == WIDE_INT6 | TABLES
     for name, v in decoded.items():
         w = original[name].double()
         assert got[name].dtype == torch.float32, name
@@ -564,7 +567,7 @@ def test_written_artifact_decodes_independently(sized_runs, tiny_args):
     args = tiny_args(MODEL_DIM=96, PATCH_SIZE=8)
     model_keys = {k for k in train_gpt.build_model(args).state_dict() if not k.startswith("projector.")}
     assert set(state) == model_keys
-    assert {k for k, v in state.items() if isinstance(v, dict)} == {"patch_proj.weight"}
+    assert {k for k, v in state.items() if isinstance(v, dict)} == {"patch_proj.weight"} | TABLES
     v = state["patch_proj.weight"]
     assert v["q"].dtype == torch.int8 and v["q"].shape == (96, 768)
     assert int(v["q"].min()) >= -31 and int(v["q"].max()) <= 31 and int(v["q"].abs().max()) >= 30

@@ -49,6 +49,9 @@ REFERENCE_DEFAULTS = dict(
     xsa_layers=0, rope_fraction=1.0, ln_scale=False, unet_skips=False, logit_softcap=0.0, ortho_init=False,
     warmdown_frac=None, lr_floor=0.0, muon_row_norm=False, weight_decay=0.0, jepa_ramp=(),
     world_size=1, smoke=False, eval_only="",
+    # moved from the reference's values by measurement (README, compute allocation); REFERENCE in conftest
+    decoder_dim=480, decoder_window=128, latent_per_slot=True, latent_inject_layers=2, latent_norm=True,
+    ngram_buckets=4096, ngram_dim=120, smear_gate=True,
     data_path="./data/datasets/fineweb10B_byte260", tokenizer_path="./data/tokenizers/fineweb_pure_byte_260.json",
 )
 
@@ -63,6 +66,13 @@ def test_reference_defaults(monkeypatch):
     assert args.window == 2048 and args.window // args.patch_size == 256
     assert args.grad_accum_steps == 8
     assert re.fullmatch(r"[0-9a-f-]{36}", args.run_id)  # a fresh uuid per run
+
+
+def test_size_knobs_follow_model_dim_and_the_latent_feeds_at_most_every_decoder_block(tiny_args):
+    args = tiny_args(MODEL_DIM=64, DECODER_LAYERS=1, LATENT_INJECT_LAYERS=3)
+    assert (args.decoder_dim, args.ngram_dim, args.latent_inject_layers) == (64, 16, 1)
+    args = tiny_args(MODEL_DIM=64, DECODER_DIM=48, NGRAM_DIM=8, DECODER_LAYERS=3, LATENT_INJECT_LAYERS=3)
+    assert (args.decoder_dim, args.ngram_dim, args.latent_inject_layers) == (48, 8, 3)
 
 
 @pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (4, 2), (8, 1)])
@@ -162,8 +172,6 @@ BAD = [
     ("decoder-heads", {"DECODER_HEADS": "3"}, [("DECODER_DIM", "32"), ("DECODER_HEADS", "3")], ["divid"], {}),
     ("decoder-dim-odd-head", {"DECODER_DIM": "30"}, [("DECODER_DIM", "30"), ("DECODER_HEADS", "2")], ["even"], {}),
     ("decoder-window-negative", {"DECODER_WINDOW": "-8"}, [("DECODER_WINDOW", "-8")], [">= 0"], {}),
-    ("latent-inject-beyond-decoder", {"LATENT_INJECT_LAYERS": "2"}, [("LATENT_INJECT_LAYERS", "2")],
-     ["DECODER_LAYERS=1"], {}),
     ("ngram-dim-zero", {"NGRAM_DIM": "0"}, [("NGRAM_DIM", "0")], [">= 1"], {}),
     ("xsa-negative", {"XSA_LAYERS": "-1"}, [("XSA_LAYERS", "-1")], [">= 0"], {}),
     ("rope-fraction-above-one", {"ROPE_FRACTION": "1.5"}, [("ROPE_FRACTION", "1.5")], ["<= 1"], {}),

@@ -5,16 +5,35 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY, randomize, realistic
+from conftest import REFERENCE, ROOT, TINY, randomize, realistic
 
 
-def test_default_parameter_count_matches_reference(monkeypatch):
-    for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
+def default_args(monkeypatch, **overrides) -> train_gpt.Hyperparameters:
+    """The full-size defaults (no tiny configuration in the environment), with `overrides`."""
+    for key in list(TINY) + list(REFERENCE) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
         monkeypatch.delenv(key, raising=False)
-    model = train_gpt.build_model(train_gpt.Hyperparameters())
-    assert sum(p.numel() for p in model.parameters()) == 24_593_530
+    for key, value in overrides.items():
+        monkeypatch.setenv(key, value)
+    return train_gpt.Hyperparameters()
+
+
+@pytest.mark.parametrize("config", ["reference", "default"])
+def test_parameter_counts_of_the_reference_and_the_default(monkeypatch, config):
+    """The README's reference line rebuilds the reference entry (24,593,530 parameters); the default adds the
+    per-slot and injected latent projections (2 x 192 x 3840) and two n-gram tables (4096 x 120, projected to
+    480): 27,074,651."""
+    model = train_gpt.build_model(default_args(monkeypatch, **(REFERENCE if config == "reference" else {})))
+    added = 2 * 192 * 3840 - 192 * 480 + 2 * (4096 + 480) * 120 + 480 + 1  # latent, n-grams, smear gate
+    total = 24_593_530 + (0 if config == "reference" else added)
+    assert sum(p.numel() for p in model.parameters()) == total
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
-    assert stored == 24_593_530 - 645_120  # the JEPA projector (480->960->192) is training-only
+    assert stored == total - 645_120  # the JEPA projector (480->960->192) is training-only
+
+
+def test_readme_gives_the_reference_line():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    line = text.split("24,593,530 parameters", 1)[1].split("`")[1]
+    assert line.endswith("train_gpt.py") and all(f"{k}={v}" in line.split() for k, v in REFERENCE.items()), line
 
 
 # MODEL_DIM=96 with patches of 8 makes the patch projection (96 x 768) an int6 layer, so QAT has a layer to switch
@@ -100,11 +119,13 @@ def test_local_attention_matches_dense_masked_attention(T, window):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_flex_window_attention_matches_dense_masked_attention():
-    """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU."""
+@pytest.mark.parametrize("head", [16, 24])
+def test_flex_window_attention_matches_dense_masked_attention(head):
+    """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU; a head size of
+    24 is zero-padded to 32 inside, and the scale stays 1/sqrt(24)."""
     T, window = 256, 48
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, T, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, T, head, generator=g) for _ in range(3))
     i = torch.arange(T)
     mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -162,6 +183,26 @@ def test_latent_conditioning_per_slot_and_injected(tiny_args):
         torch.testing.assert_close(conds[0][0, p * args.patch_size:(p + 1) * args.patch_size], parts)
     shared = train_gpt.build_model(tiny_args(LATENT_PER_SLOT=0, LATENT_INJECT_LAYERS=1, LATENT_NORM=0))
     assert torch.equal(shared.conditioning(latents)[0][0, :4], shared.latent_in(latents)[0, :1].expand(4, -1))
+
+
+def test_latent_reaches_the_first_inject_layers_blocks(tiny_args):
+    """Block 0 reads the byte embedding plus the input projection; blocks 1..LATENT_INJECT_LAYERS-1 read the
+    previous block's output plus their own projection; later blocks read the previous output alone."""
+    args = tiny_args(DECODER_LAYERS=3, LATENT_INJECT_LAYERS=2, NGRAM_BUCKETS=0, SMEAR_GATE=0)
+    model = randomize(train_gpt.build_model(args)).eval()
+    inputs = []
+    for block in model.dec_blocks:
+        block.register_forward_hook(lambda m, a, out: inputs.append((a[0], out)))
+    ids = torch.randint(4, 260, (1, args.window), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, predicted, _ = model.hidden_states(ids)
+        start = model.start_latent.expand(1, 1, -1)
+        conds = model.conditioning(torch.cat((start, predicted[:, :-1]), dim=1))
+        prev = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=train_gpt.BOS_ID)
+    assert len(conds) == 2 and len(inputs) == 3
+    torch.testing.assert_close(inputs[0][0], model.dec_emb(prev) + conds[0])
+    torch.testing.assert_close(inputs[1][0], inputs[0][1] + conds[1])
+    torch.testing.assert_close(inputs[2][0], inputs[1][1])
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "train_qat"])
@@ -252,15 +293,18 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-4, atol=1e-4)
 
 
-def test_patch_embedding_reads_only_its_own_patch(tiny_args):
-    args = tiny_args()
+@pytest.mark.parametrize("ngrams", [0, 97])
+def test_patch_embedding_reads_only_its_own_patch_and_the_ngrams_ending_in_it(tiny_args, ngrams):
+    """Byte 5 (patch 1 of bytes 4..7) reaches patch 1, and with n-grams up to 4 bytes long also patch 2, whose
+    first byte ends a 4-gram starting at byte 5; never an earlier patch."""
+    args = tiny_args(NGRAM_BUCKETS=ngrams)
     model = randomize(train_gpt.build_model(args))
     ids = torch.randint(4, 260, (1, args.window))
     changed = ids.clone()
-    changed[0, 5] += 1  # patch 1 (bytes 4..7)
+    changed[0, 5] += 1
     a, b = model.embed_patches(ids), model.embed_patches(changed)
     differs = (a - b).abs().amax(dim=-1)[0] > 0
-    assert differs.tolist() == [i == 1 for i in range(args.window // args.patch_size)]
+    assert differs.tolist() == [i == 1 or (ngrams and i == 2) for i in range(args.window // args.patch_size)]
 
 
 def test_fake_quantize_int6_rounds_rows_to_63_levels():
@@ -308,9 +352,7 @@ def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]
 @pytest.mark.parametrize("training", [True, False])
 def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
     if size == "default":
-        for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
-            monkeypatch.delenv(key, raising=False)
-        args = train_gpt.Hyperparameters()
+        args = default_args(monkeypatch)
     else:  # grouped-query attention in the encoder
         args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **dict(rebalanced=REBALANCED, recipe=RECIPE).get(size, {}))
     analytic = train_gpt.flops_per_byte(args, training)
@@ -320,7 +362,8 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     # the counter's dense encoder attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries; the
     # decoder's is T^2 keys, or with a window W, blocks of W queries against 2W keys (the analytic count is the
     # causal window's: query i meets min(i+1, W) keys)
-    patches, T, W = args.window // args.patch_size, args.window, args.decoder_window
+    patches, T = args.window // args.patch_size, args.window
+    W = args.decoder_window if args.decoder_window < T else 0  # a window as long as the sequence is no window
     keys = T * T if not W else -(-T // W) * W * 2 * W
     decoder = (3 if training else 1) * args.decoder_layers * 4 * args.decoder_dim * keys / args.train_seq_len
     windowed = sum(min(i + 1, W or T) for i in range(T))
@@ -329,19 +372,22 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     assert counted_attention == pytest.approx(dense, rel=0.01)
 
 
-def test_default_flops_per_byte_by_hand(monkeypatch):
-    """The reference model, counted by hand per target byte (d=480, 2048-byte window, 256 patches): decoder
-    matmuls 7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8; decoder attention
-    7 x 4 d x (2048 x 2049 / 2) / 2047."""
-    for key in list(TINY) + ["DATA_PATH", "TOKENIZER_PATH", "SMOKE"]:
-        monkeypatch.delenv(key, raising=False)
-    f = train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=False)
+def test_flops_per_byte_by_hand(monkeypatch):
+    """Counted by hand per target byte (d=480, 2048-byte window, 256 patches). The reference: decoder matmuls
+    7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8, decoder attention 7 x 4 d x
+    (2048 x 2049 / 2) / 2047; 135.0 M a training step. The default: the latent through two per-slot projections
+    2 x 2 x 192 x 480 a byte, attention over a 128-byte window (query i meets min(i+1, 128) keys), n-grams
+    2 x 120 x (480 + 480) a byte; 100.4 M a training step."""
     d = 480
+    f = train_gpt.flops_per_byte(default_args(monkeypatch, **REFERENCE), training=False)
     assert f["decoder_blocks"] == pytest.approx((7 * 16 * d * d * 2048 + 2 * 192 * d * 256) / 2047)
     assert f["decoder_attention"] == pytest.approx(7 * 4 * d * 2048 * 2049 / 2 / 2047)
-    train = sum(train_gpt.flops_per_byte(train_gpt.Hyperparameters(), training=True).values())
-    assert round(train / 1e6, 1) == 135.0
-
+    assert round(sum(train_gpt.flops_per_byte(default_args(monkeypatch, **REFERENCE), True).values()) / 1e6, 1) == 135.0
+    f = train_gpt.flops_per_byte(default_args(monkeypatch), training=False)
+    assert f["decoder_blocks"] == pytest.approx((7 * 16 * d * d * 2048 + 2 * 2 * 192 * d * 2048) / 2047)
+    assert f["decoder_attention"] == pytest.approx(7 * 4 * d * (128 * 129 / 2 + (2048 - 128) * 128) / 2047)
+    assert f["ngram_embeddings"] == pytest.approx(2 * 120 * 2 * d * 2048 / 2047)
+    assert round(sum(train_gpt.flops_per_byte(default_args(monkeypatch), True).values()) / 1e6, 1) == 100.4
 
 
 # every issue-10 model knob on (the decoder deep enough for a U-Net skip); none adds a matmul (XSA, gates and the
@@ -407,7 +453,7 @@ def test_ln_scale_and_unet_skips_over_the_unrolled_stacks(tiny_args):
     input / sqrt(l+1). UNET_SKIPS: application i of the first half adds its output, times its gate, to the input of
     its mirror n-1-i (encoder: 4 applications, 2 skips; decoder: 3 blocks, 1 skip, the middle block left out).
     With closed gates and LN_SCALE off, the model is the one without them, bit for bit."""
-    args = tiny_args(LN_SCALE=1, UNET_SKIPS=1, DECODER_LAYERS=3)
+    args = tiny_args(LN_SCALE=1, UNET_SKIPS=1, DECODER_LAYERS=3, LATENT_INJECT_LAYERS=1)
     model = randomize(train_gpt.build_model(args)).eval()
     assert model.enc_skip_gates.shape == (2, 32) and model.dec_skip_gates.shape == (1, 32)
     ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(4))

@@ -89,7 +89,7 @@ def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
     for opt in optimizers:
         opt.step()
     lr = {id(p): g["lr"] for opt in optimizers for g in opt.param_groups for p in g["params"]}
-    controls = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_gates", "start_latent")
+    controls = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_gates", "start_latent", "smear")
     for name, p in model.named_parameters():
         factor = 1.0 if any(c in name for c in controls) else 1 - 0.5 * lr[id(p)]
         torch.testing.assert_close(p.detach(), factor * before[name], msg=name)
@@ -159,8 +159,11 @@ def test_muon_steps_match_nesterov_momentum_then_newton_schulz(cpu_runtime, shap
         torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=2e-5)
 
 
-def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime):
-    args = tiny_args()
+@pytest.mark.parametrize("ngrams", [0, 97])
+def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime, ngrams):
+    """Embeddings (the n-gram tables among them) and slot positions in Adam at EMBED_LR, the head at HEAD_LR,
+    linear layers in Muon, the rest (gains, scales, mixes, the smear gate) in Adam at SCALAR_LR."""
+    args = tiny_args(NGRAM_BUCKETS=ngrams, SMEAR_GATE=1)
     model = train_gpt.build_model(args)
     adam, muon = train_gpt.build_optimizers(model, args, cpu_runtime)
     groups = [g["params"] for g in adam.param_groups] + [muon.param_groups[0]["params"]]
@@ -169,6 +172,10 @@ def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime):
     assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
     assert [g["lr"] for g in adam.param_groups] == [args.embed_lr, args.head_lr, args.scalar_lr]
     assert adam.param_groups[1]["params"] == [model.head.weight]
+    tables = [model.patch_ngrams.table.weight, model.dec_ngrams.table.weight] if ngrams else []
+    embed = {id(p) for p in [model.byte_emb.weight, model.dec_emb.weight, model.slot_pos] + tables}
+    assert {id(p) for p in adam.param_groups[0]["params"]} == embed
+    assert {id(model.smear.weight), id(model.smear.mix)} <= {id(p) for p in adam.param_groups[2]["params"]}
 
 
 @pytest.fixture(scope="module")
