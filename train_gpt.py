@@ -231,9 +231,9 @@ class Hyperparameters:
                 raise ConfigError(f"{name}={value}: expected a multiple of world_size x grad_accum_steps x "
                                   f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
                                   f"{self.train_seq_len} = {per_step}")
-        for dim, heads, kv, label in (("MODEL_DIM", self.num_heads, self.num_kv_heads, "NUM_HEADS"),
-                                      ("DECODER_DIM", self.decoder_heads, self.decoder_heads, "DECODER_HEADS")):
-            width = self.decoder_dim if dim == "DECODER_DIM" else self.model_dim
+        for dim, width, heads, kv, label in (
+                ("MODEL_DIM", self.model_dim, self.num_heads, self.num_kv_heads, "NUM_HEADS"),
+                ("DECODER_DIM", self.decoder_dim, self.decoder_heads, self.decoder_heads, "DECODER_HEADS")):
             if width % heads or (width // heads) % 2:
                 raise ConfigError(f"{dim}={width}, {label}={heads}: expected heads dividing {dim} into an "
                                   f"even head size (rotary embeddings rotate pairs)")

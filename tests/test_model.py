@@ -51,12 +51,18 @@ def test_logits_for_byte_i_depend_only_on_earlier_bytes(tiny_args, mode):
     ids = torch.randint(4, 260, (2, args.window), generator=g)
     base = model.forward_logits(ids).detach()
     assert base.shape == (2, args.window, 260) and base.dtype == torch.float32
-    for j in (0, 3, 4, 17, 31, args.window - 1):  # patch starts, middles and ends
+    assert_causal(model, ids, (0, 3, 4, 17, 31, args.window - 1))  # patch starts, middles and ends
+
+
+def assert_causal(model, ids: torch.Tensor, positions) -> None:
+    """Changing byte j leaves the logits of positions <= j bit-identical and moves position j+1."""
+    base = model.forward_logits(ids).detach()
+    for j in positions:
         changed = ids.clone()
         changed[:, j] = (changed[:, j] + 101 - 4) % 256 + 4
         out = model.forward_logits(changed).detach()
         assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
-        if j + 1 < args.window:
+        if j + 1 < ids.size(1):
             assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"
 
 
@@ -75,14 +81,7 @@ def test_rebalanced_decoder_is_causal(tiny_args, patch, window):
     model = randomize(train_gpt.build_model(args)).eval()
     ids = torch.randint(4, 260, (2, args.window), generator=torch.Generator().manual_seed(1))
     ids[:, 21] = train_gpt.BOS_ID
-    base = model.forward_logits(ids).detach()
-    for j in range(args.window):
-        changed = ids.clone()
-        changed[:, j] = (changed[:, j] + 101 - 4) % 256 + 4
-        out = model.forward_logits(changed).detach()
-        assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} changed"
-        if j + 1 < args.window:
-            assert not torch.allclose(out[:, j + 1], base[:, j + 1]), f"byte {j} never reaches position {j + 1}"
+    assert_causal(model, ids, range(args.window))
 
 
 def test_knobs_off_reproduce_the_reference_model(tiny_args):
