@@ -905,9 +905,9 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
     chosen |= {id(p) for p in matrices}
     scalars = [p for p in model.parameters() if id(p) not in chosen]
     wd = dict(weight_decay=args.weight_decay)
-    adam = torch.optim.Adam([dict(params=embed, lr=args.embed_lr, **wd), dict(params=head, lr=args.head_lr, **wd),
-                             dict(params=scalars, lr=args.scalar_lr)], betas=(args.beta1, args.beta2),
-                            eps=args.adam_eps, fused=rt.cuda, decoupled_weight_decay=True)
+    adam = torch.optim.AdamW([dict(params=embed, lr=args.embed_lr, **wd), dict(params=head, lr=args.head_lr, **wd),
+                              dict(params=scalars, lr=args.scalar_lr)], betas=(args.beta1, args.beta2),
+                             eps=args.adam_eps, weight_decay=0.0, fused=rt.cuda)
     muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, rt, args.weight_decay,
                 args.muon_row_norm)
     optimizers = [adam, muon]
