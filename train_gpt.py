@@ -130,9 +130,6 @@ class Hyperparameters:
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
         self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)  # reference 4-5
-        self.rope_fraction = knob("ROPE_FRACTION", 1.0, lo=0.0, hi=1.0)  # share of each head's dims rotated; ref. 0.25
-        self.xsa_layers = knob("XSA_LAYERS", 0, lo=0)  # last blocks of encoder and decoder with XSA; reference 4 of 11
-        self.ln_scale = knob("LN_SCALE", False)  # block l of a stack reads its normalised input / sqrt(l+1); ref. on
         self.unet_skips = knob("UNET_SKIPS", False)  # gated skips, first half of a stack to its mirror; reference on
         self.logit_softcap = knob("LOGIT_SOFTCAP", 0.0, lo=0.0)  # logits c*tanh(logits/c); 0 = off; reference 30
         self.ortho_init = knob("ORTHO_INIT", False)  # orthogonal init of the non-zero linear weights; reference on
@@ -450,14 +447,13 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotary position embedding over (B, H, T, D), of the first 2 x len(inv_freq) dims of each head (partial RoPE:
-    the rest carry no position). Tables are computed per call: a cache would outlive the inference-mode evaluation
-    that filled it and then meet autograd."""
+    """Rotary position embedding over (B, H, T, D). Tables are computed per call: a cache would outlive the
+    inference-mode evaluation that filled it and then meet autograd."""
     t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
     angles = torch.outer(t, inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :2 * inv_freq.numel()].chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * inv_freq.numel():]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
@@ -492,17 +488,15 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tens
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float, window: int = 0,
-                 rope_fraction: float = 1.0, xsa: bool = False):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float, window: int = 0):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.window, self.xsa = heads, kv_heads, dim // heads, window, xsa
+        self.heads, self.kv_heads, self.head_dim, self.window = heads, kv_heads, dim // heads, window
         self.q = CastedLinear(dim, dim)
         self.k = CastedLinear(dim, kv_heads * self.head_dim)
         self.v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
-        rotated = 2 * max(1, round(self.head_dim * rope_fraction / 2))  # at least one pair
-        inv_freq = 1.0 / rope_base ** (torch.arange(0, rotated, 2, dtype=torch.float32) / rotated)
+        inv_freq = 1.0 / rope_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -517,9 +511,6 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         y = local_causal_attention(q, k, v, self.window or T)
-        if self.xsa:  # XSA: less the output's component along the token's own value (what the others add stays)
-            v = F.normalize(v, dim=-1)
-            y = y - (y * v).sum(-1, keepdim=True) * v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -535,21 +526,22 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
-    stream with the stack's input x0; both branches read the normalised stream times norm_scale (LN_SCALE)."""
+    stream with the stack's input x0."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, **attn):
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float,
+                 window: int = 0):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, heads, kv_heads, **attn)
+        self.attn = CausalSelfAttention(dim, heads, kv_heads, rope_base, qk_gain_init, window)
         self.mlp = MLP(dim, mlp_mult)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, norm_scale: float = 1.0) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * norm_scale)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
 class LatentHead(nn.Module):
@@ -636,9 +628,8 @@ class ByteJEPA(nn.Module):
         self.byte_emb = nn.Embedding(V, d)
         self.slot_pos = nn.Parameter(torch.randn(P, d) * 0.02)
         self.patch_proj = CastedLinear(P * d, d)
-        attn = dict(rope_base=args.rope_base, qk_gain_init=args.qk_gain_init, rope_fraction=args.rope_fraction)
-        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.num_kv_heads, args.mlp_mult, **attn,
-                                          xsa=i >= args.num_layers - args.xsa_layers) for i in range(args.num_layers))
+        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.num_kv_heads, args.mlp_mult, args.rope_base,
+                                          args.qk_gain_init) for _ in range(args.num_layers))
         self.encoder_repeats = args.encoder_repeats
         self.projector = LatentHead(d, args.mlp_mult * d, L)
         self.predictor = LatentHead(d, args.mlp_mult * d, L)
@@ -646,9 +637,8 @@ class ByteJEPA(nn.Module):
         self.dec_emb = nn.Embedding(V, dd)
         self.latent_in = CastedLinear(L, cond, zero_init=args.latent_norm)
         n = args.decoder_layers
-        self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, **attn,
-                                              window=args.decoder_window, xsa=i >= n - args.xsa_layers)
-                                        for i in range(n))
+        self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, args.rope_base,
+                                              args.qk_gain_init, args.decoder_window) for _ in range(n))
         self.head = CastedLinear(dd, V, zero_init=True)
         # created last, and only when on, so that their "off" values leave every other initial weight as it was
         self.latent_inject = nn.ModuleList(CastedLinear(L, cond, zero_init=True)
@@ -659,7 +649,7 @@ class ByteJEPA(nn.Module):
         apps = args.num_layers * args.encoder_repeats  # U-Net skips: per-channel gates, opened at 1
         self.enc_skip_gates = nn.Parameter(torch.ones(apps // 2, d)) if args.unet_skips else None
         self.dec_skip_gates = nn.Parameter(torch.ones(n // 2, dd)) if args.unet_skips else None
-        self.ln_scale, self.softcap = args.ln_scale, args.logit_softcap
+        self.softcap = args.logit_softcap
 
     def embed_patches(self, ids: Tensor) -> Tensor:
         """(B, L) bytes -> (B, L/P, d): each slot's byte (+ n-grams ending there) + position vector normalised,
@@ -677,15 +667,14 @@ class ByteJEPA(nn.Module):
 
     def stack(self, blocks: list[Block], x: Tensor, gates: Tensor | None, inputs: list[Tensor] | tuple = ()) -> Tensor:
         """Blocks in order over x (also their x0); inputs[i] (i > 0) joins before block i. U-Net skips (gates): block
-        i of the first half adds its output, times gates[i], to the input of its mirror n-1-i. LN_SCALE: block l
-        reads its normalised input / sqrt(l+1)."""
+        i of the first half adds its output, times gates[i], to the input of its mirror n-1-i."""
         x0, outputs, n = x, [], len(blocks)
         for i, block in enumerate(blocks):
             if 0 < i < len(inputs):
                 x = x + inputs[i]
             if gates is not None and i >= n - n // 2:
                 x = x + gates[n - 1 - i].to(x.dtype) * outputs[n - 1 - i]
-            x = block(x, x0, (i + 1) ** -0.5 if self.ln_scale else 1.0)
+            x = block(x, x0)
             outputs.append(x)
         return x
 

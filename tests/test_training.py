@@ -366,7 +366,7 @@ def test_rebalanced_model_runs_end_to_end_at_4096_bytes(tmp_path, patch):
 
 # every issue-9 and issue-10 knob at its off value, spelled out
 RECIPE_OFF = dict(DECODER_WINDOW=0, LATENT_PER_SLOT=0, LATENT_INJECT_LAYERS=1, LATENT_NORM=0, NGRAM_BUCKETS=0,
-                  SMEAR_GATE=0, XSA_LAYERS=0, ROPE_FRACTION=1.0, LN_SCALE=0, UNET_SKIPS=0, LOGIT_SOFTCAP=0,
+                  SMEAR_GATE=0, UNET_SKIPS=0, LOGIT_SOFTCAP=0,
                   ORTHO_INIT=0, WEIGHT_DECAY=0, WARMDOWN_FRAC="auto", LR_FLOOR=0, MUON_ROW_NORM=0, JEPA_RAMP="")
 
 
