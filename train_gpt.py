@@ -59,12 +59,13 @@ def _parse(name: str, raw: str, kind: type):
         raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
 
 
-def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None):
+def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None, auto: bool = False):
     """One knob: the environment's value (or the default), parsed as `kind` and checked against its range.
-    A default of None is spelled "auto" in the environment."""
+    None is spelled "auto" in the environment: allowed where the default is None, or with auto=True."""
     kind = kind or type(default)
     raw = os.environ.get(name, "")
-    value = default if raw == "" or (default is None and raw == "auto") else _parse(name, raw, kind)
+    auto = raw == "auto" and (auto or default is None)
+    value = default if raw == "" else None if auto else _parse(name, raw, kind)
     if value is None:  # "auto": decided at run time
         return value
     if isinstance(value, float) and not math.isfinite(value):
@@ -129,13 +130,11 @@ class Hyperparameters:
         self.smear_gate = knob("SMEAR_GATE", True)  # decoder input mixes in the previous position's, gated
         self.mlp_mult = knob("MLP_MULT", 2, lo=1)  # MLP and JEPA-head hidden width, in multiples of MODEL_DIM
         self.rope_base = knob("ROPE_BASE", 10000.0, lo=1.0)
-        self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)  # reference 4-5
-        self.unet_skips = knob("UNET_SKIPS", False)  # gated skips, first half of a stack to its mirror; reference on
-        self.logit_softcap = knob("LOGIT_SOFTCAP", 0.0, lo=0.0)  # logits c*tanh(logits/c); 0 = off; reference 30
-        self.ortho_init = knob("ORTHO_INIT", False)  # orthogonal init of the non-zero linear weights; reference on
+        self.qk_gain_init = knob("QK_GAIN_INIT", 1.5)  # token records 4-5
+        self.logit_softcap = knob("LOGIT_SOFTCAP", 30.0, lo=0.0)  # logits c*tanh(logits/c); 0 = off (reference)
         self.sigreg_slices = knob("SIGREG_SLICES", 256, lo=1)  # random 1-D projections per step
         self.ce_weight = knob("CE_WEIGHT", 3.0, lo=0.0)
-        self.jepa_weight = knob("JEPA_WEIGHT", 0.5, lo=0.0)
+        self.jepa_weight = knob("JEPA_WEIGHT", 0.0, lo=0.0)  # reference 0.5
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
         # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
@@ -148,9 +147,10 @@ class Hyperparameters:
         self.iterations = knob("ITERATIONS", 20_000, lo=0)
         self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
         self.warmdown_iters = knob("WARMDOWN_ITERS", 3500, lo=0)  # linear LR decay over this many steps' worth
-        # with a cap: the warmdown's share of the training time; auto: WARMDOWN_ITERS steps' worth; reference 0.72
-        self.warmdown_frac = knob("WARMDOWN_FRAC", None, float, lo=0.0, hi=1.0)
-        self.lr_floor = knob("LR_FLOOR", 0.0, lo=0.0, hi=1.0)  # LR scale at the warmdown's end; reference 0.1
+        # with a cap: the warmdown's share of the training time (token records 0.72); auto: WARMDOWN_ITERS steps'
+        # worth (reference)
+        self.warmdown_frac = knob("WARMDOWN_FRAC", 0.72, float, lo=0.0, hi=1.0, auto=True)
+        self.lr_floor = knob("LR_FLOOR", 0.1, lo=0.0, hi=1.0)  # LR scale at the warmdown's end; reference 0
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
         self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
         self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only
@@ -160,27 +160,23 @@ class Hyperparameters:
         self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
         self.head_lr = knob("HEAD_LR", 0.02, lo=0.0)  # Adam: output head
         self.scalar_lr = knob("SCALAR_LR", 0.025, lo=0.0)  # Adam: scales, mixes, gains, start latent
-        self.muon_momentum = knob("MUON_MOMENTUM", 0.99, lo=0.0, hi=1.0)  # reference 0.97
+        self.muon_momentum = knob("MUON_MOMENTUM", 0.95, lo=0.0, hi=1.0)  # reference 0.99; token records 0.97
         self.muon_momentum_warmup_start = knob("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0.0, hi=1.0)
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
-        self.muon_row_norm = knob("MUON_ROW_NORM", False)  # MuonEq-R: rows at unit norm before Newton-Schulz; ref. on
-        # decoupled (w *= 1 - lr*wd) on Muon's matrices, the embeddings and the head; not on gains, scales, mixes, skip
-        # gates and the start latent (Adam's scalar group); reference 0.04
-        self.weight_decay = knob("WEIGHT_DECAY", 0.0, lo=0.0)
-        ramp = knob("JEPA_RAMP", "", str)  # "start,end": fractions of training with the JEPA terms on; ref. 0.33,0.67
-        self.jepa_ramp = tuple(_parse("JEPA_RAMP", v, float) for v in ramp.split(",")) if ramp else ()
-        if ramp and not (len(self.jepa_ramp) == 2 and 0 <= self.jepa_ramp[0] < self.jepa_ramp[1] <= 1):
-            raise ConfigError(f"JEPA_RAMP={ramp!r}: expected 'start,end', fractions with 0 <= start < end <= 1")
+        self.muon_row_norm = knob("MUON_ROW_NORM", True)  # MuonEq-R: rows at unit norm before Newton-Schulz
+        # decoupled (w *= 1 - lr*wd) on Muon's matrices, the embeddings and the head; not on gains, scales, mixes
+        # and the start latent (Adam's scalar group), as in the token records; reference 0
+        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
         # weight averaging and late QAT
         self.weight_avg = knob("WEIGHT_AVG", "ema", str, choices=("ema", "swa", "none"))
-        self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)  # reference 0.9965
+        self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)  # token records 0.9965
         self.swa_every = knob("SWA_EVERY", 50, lo=1)
         self.swa_start_scale = knob("SWA_START_SCALE", 0.2, lo=0.0, hi=1.0)
-        self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.15, lo=0.0, hi=1.0)  # LR scale below which QAT runs
+        self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.0, lo=0.0, hi=1.0)  # reference 0.15
         # artifact
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
@@ -415,7 +411,7 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
 # Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder
 # -----------------------------------------------------------------------------------------------------------------
 
-CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_gates")  # kept in fp32 in the artifact
+CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain")  # kept in fp32 in the artifact
 TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stored in the artifact
 
 
@@ -636,9 +632,9 @@ class ByteJEPA(nn.Module):
         self.start_latent = nn.Parameter(torch.zeros(L))
         self.dec_emb = nn.Embedding(V, dd)
         self.latent_in = CastedLinear(L, cond, zero_init=args.latent_norm)
-        n = args.decoder_layers
         self.dec_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.decoder_heads, args.mlp_mult, args.rope_base,
-                                              args.qk_gain_init, args.decoder_window) for _ in range(n))
+                                              args.qk_gain_init, args.decoder_window)
+                                        for _ in range(args.decoder_layers))
         self.head = CastedLinear(dd, V, zero_init=True)
         # created last, and only when on, so that their "off" values leave every other initial weight as it was
         self.latent_inject = nn.ModuleList(CastedLinear(L, cond, zero_init=True)
@@ -646,9 +642,6 @@ class ByteJEPA(nn.Module):
         self.patch_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, d) if args.ngram_buckets else None
         self.dec_ngrams = HashedNgrams(args.ngram_buckets, args.ngram_dim, dd) if args.ngram_buckets else None
         self.smear = SmearGate(dd) if args.smear_gate else None
-        apps = args.num_layers * args.encoder_repeats  # U-Net skips: per-channel gates, opened at 1
-        self.enc_skip_gates = nn.Parameter(torch.ones(apps // 2, d)) if args.unet_skips else None
-        self.dec_skip_gates = nn.Parameter(torch.ones(n // 2, dd)) if args.unet_skips else None
         self.softcap = args.logit_softcap
 
     def embed_patches(self, ids: Tensor) -> Tensor:
@@ -663,20 +656,11 @@ class ByteJEPA(nn.Module):
 
     def encode(self, patches: Tensor) -> Tensor:
         """Causal encoder over patches; its output at patch p has seen bytes of patches <= p only."""
-        return rms_norm(self.stack(list(self.blocks) * self.encoder_repeats, patches, self.enc_skip_gates))
-
-    def stack(self, blocks: list[Block], x: Tensor, gates: Tensor | None, inputs: list[Tensor] | tuple = ()) -> Tensor:
-        """Blocks in order over x (also their x0); inputs[i] (i > 0) joins before block i. U-Net skips (gates): block
-        i of the first half adds its output, times gates[i], to the input of its mirror n-1-i."""
-        x0, outputs, n = x, [], len(blocks)
-        for i, block in enumerate(blocks):
-            if 0 < i < len(inputs):
-                x = x + inputs[i]
-            if gates is not None and i >= n - n // 2:
-                x = x + gates[n - 1 - i].to(x.dtype) * outputs[n - 1 - i]
-            x = block(x, x0)
-            outputs.append(x)
-        return x
+        x = patches
+        for _ in range(self.encoder_repeats):
+            for block in self.blocks:
+                x = block(x, patches)
+        return rms_norm(x)
 
     def conditioning(self, latents: Tensor) -> list[Tensor]:
         """(B, N, latent) -> one (B, N*P, dd) input per fed decoder block: computed once per patch, then
@@ -700,7 +684,10 @@ class ByteJEPA(nn.Module):
             x = x + self.dec_ngrams(prev)
         if self.smear is not None:
             x = self.smear(x, prev)
-        return rms_norm(self.stack(list(self.dec_blocks), x, self.dec_skip_gates, conds))
+        x0 = x
+        for i, block in enumerate(self.dec_blocks):
+            x = block(x + conds[i] if 0 < i < len(conds) else x, x0)
+        return rms_norm(x)
 
     def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The one forward path: patch embeddings, predicted next-patch latents, decoder states."""
@@ -734,12 +721,7 @@ class ByteJEPA(nn.Module):
 def build_model(args: Hyperparameters) -> ByteJEPA:
     """The model on CPU in float32, initialised from SEED."""
     torch.manual_seed(args.seed)
-    model = ByteJEPA(args)
-    if args.ortho_init:  # zero-initialised projections stay zero
-        for m in model.modules():
-            if isinstance(m, CastedLinear) and m.weight.any():
-                nn.init.orthogonal_(m.weight)
-    return model
+    return ByteJEPA(args)
 
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
@@ -926,13 +908,6 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float 
     return args.lr_floor + (1.0 - args.lr_floor) * s
 
 
-def jepa_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float) -> float:
-    """1 while the JEPA terms train: always, or inside JEPA_RAMP's share of training (of ITERATIONS without a cap,
-    of the cap's time with one); else 0."""
-    done = elapsed_ms / cap_ms if cap_ms > 0 else step / max(args.iterations, 1)
-    return float(not args.jepa_ramp or args.jepa_ramp[0] <= done < args.jepa_ramp[1])
-
-
 def muon_momentum(step: int, args: Hyperparameters) -> float:
     frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1046,9 +1021,8 @@ class Trainer:
         self.peak_flops = next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in card), None)
         self.flops_per_byte = sum(flops_per_byte(args, training=True).values())
 
-    def step(self, step: int, scale: float, jepa: float = 1.0) -> Tensor:
-        """One optimizer step over grad_accum_steps micro-batches, the JEPA terms weighted x jepa; returns the mean
-        byte CE on this rank."""
+    def step(self, step: int, scale: float) -> Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean byte CE on this rank."""
         args, accum = self.args, self.args.grad_accum_steps
         directions = sigreg_directions(args.latent_dim, args.sigreg_slices, args.seed + step, self.rt.device)
         ce_total = torch.zeros((), device=self.rt.device)
@@ -1056,7 +1030,7 @@ class Trainer:
             ids = self.loader.next_batch()
             with self.rt.autocast():
                 ce, mse, reg = self.loss_fn(ids, directions)
-            loss = args.ce_weight * ce + jepa * args.jepa_weight * mse + jepa * args.sigreg_weight * reg
+            loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
         all_reduce_grads(self.params, self.rt)
@@ -1135,7 +1109,7 @@ class Trainer:
                 set_late_qat(self.model, True)
                 qat_on = True
                 log(f"late_qat: on at step:{step} lr_scale:{scale:.4f}")
-            ce = self.step(step, scale, jepa_scale(step, shared_ms, args, cap_ms))
+            ce = self.step(step, scale)
             step += 1
             averager.update(step, scale)
             if rt.master and step == min(100, max(args.iterations // 10, 1)):  # early, past the first big moves
