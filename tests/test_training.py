@@ -271,7 +271,7 @@ def test_warmup_priming_restores_weights_optimizer_and_data(corpus, tmp_path):
 
 def test_wallclock_cap_stops_early_and_logs_it(corpus, tmp_path):
     env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
-                   QUANT="rtn", WARMDOWN_ITERS=100_000)
+                   QUANT="rtn", WARMDOWN_ITERS=100_000, WARMDOWN_FRAC="auto", LATE_QAT_THRESHOLD=0.15)
     run = run_script(tmp_path, env, run_id="cap")
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     stop = run.lines("stopping_early: wallclock_cap")
@@ -293,7 +293,7 @@ def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
     """The cap decision and the LR schedule use one clock (the slowest rank's): a rank stopping alone would
     leave the other waiting in a collective, so a clean exit with one stop line is the check."""
     env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
-                   QUANT="rtn", WARMDOWN_ITERS=100_000)
+                   QUANT="rtn", WARMDOWN_ITERS=100_000, WARMDOWN_FRAC="auto", LATE_QAT_THRESHOLD=0.15)
     run = run_script(tmp_path, env, nproc=2, run_id="cap2", timeout=240)
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     stop = run.lines("stopping_early: wallclock_cap")
