@@ -21,7 +21,7 @@ def train_losses(run) -> dict[int, float]:
 
 
 def test_lr_scale_by_steps_without_a_cap(tiny_args):
-    args = tiny_args(ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0)
+    args = tiny_args(ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0, LR_FLOOR=0)
     assert train_gpt.lr_scale(0, 0.0, args) == 1.0
     assert train_gpt.lr_scale(79, 0.0, args) == 1.0
     assert train_gpt.lr_scale(80, 0.0, args) == pytest.approx(1.0)
@@ -30,7 +30,8 @@ def test_lr_scale_by_steps_without_a_cap(tiny_args):
 
 
 def test_lr_scale_by_remaining_wallclock_with_a_cap(tiny_args):
-    args = tiny_args(WARMDOWN_ITERS=100, MAX_WALLCLOCK_SECONDS=10, QUANT="rtn")
+    """WARMDOWN_FRAC=auto (the reference): the warmdown lasts WARMDOWN_ITERS steps at the step time so far."""
+    args = tiny_args(WARMDOWN_ITERS=100, MAX_WALLCLOCK_SECONDS=10, QUANT="rtn", WARMDOWN_FRAC="auto", LR_FLOOR=0)
     # 50 steps in 2 s: 40 ms/step, so the warmdown lasts 100 steps = 4 s, starting at 6 s
     assert train_gpt.lr_scale(50, 2000.0, args) == 1.0
     assert train_gpt.lr_scale(150, 6000.0, args) == pytest.approx(1.0)
@@ -56,6 +57,9 @@ def test_warmdown_fraction_and_lr_floor(tiny_args):
     assert train_gpt.lr_scale(79, 0.0, args) == 1.0
     assert train_gpt.lr_scale(90, 0.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
     assert train_gpt.lr_scale(100, 0.0, args) == pytest.approx(0.1)
+    defaults = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC="", LR_FLOOR="")  # 72% of the cap, to 0.1
+    assert train_gpt.lr_scale(1, 2799.0, defaults) == 1.0
+    assert train_gpt.lr_scale(1, 6400.0, defaults) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
