@@ -894,18 +894,17 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
-    """1 until the warmdown, then linear to LR_FLOOR: by steps without a cap, by remaining wallclock with one (the
-    warmdown lasts WARMDOWN_FRAC of the cap, or WARMDOWN_ITERS steps at the step time measured so far). cap_ms
-    defaults to the knobs' cap."""
+    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the warmdown
+    lasts WARMDOWN_FRAC of the cap, or WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to
+    the knobs' cap. The LR is base x (LR_FLOOR + (1 - LR_FLOOR) x scale): late QAT and SWA, which read the scale,
+    start at the same point of the warmdown whatever the floor."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
-        s = min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
-    else:
-        by_steps = args.warmdown_iters * elapsed_ms / max(step, 1)
-        warmdown_ms = by_steps if args.warmdown_frac is None else args.warmdown_frac * cap_ms
-        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
-        s = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-    return args.lr_floor + (1.0 - args.lr_floor) * s
+        return min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
+    warmdown_ms = (args.warmdown_iters * elapsed_ms / max(step, 1) if args.warmdown_frac is None
+                   else args.warmdown_frac * cap_ms)
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
 def muon_momentum(step: int, args: Hyperparameters) -> float:
@@ -1037,7 +1036,7 @@ class Trainer:
         self.size_estimate.before_update()
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
+                group["lr"] = group["base_lr"] * (args.lr_floor + (1.0 - args.lr_floor) * scale)
                 if isinstance(opt, Muon):
                     group["momentum"] = muon_momentum(step, args)
             opt.step()

@@ -21,7 +21,7 @@ def train_losses(run) -> dict[int, float]:
 
 
 def test_lr_scale_by_steps_without_a_cap(tiny_args):
-    args = tiny_args(ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0, LR_FLOOR=0)
+    args = tiny_args(ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0)
     assert train_gpt.lr_scale(0, 0.0, args) == 1.0
     assert train_gpt.lr_scale(79, 0.0, args) == 1.0
     assert train_gpt.lr_scale(80, 0.0, args) == pytest.approx(1.0)
@@ -31,7 +31,7 @@ def test_lr_scale_by_steps_without_a_cap(tiny_args):
 
 def test_lr_scale_by_remaining_wallclock_with_a_cap(tiny_args):
     """WARMDOWN_FRAC=auto (the reference): the warmdown lasts WARMDOWN_ITERS steps at the step time so far."""
-    args = tiny_args(WARMDOWN_ITERS=100, MAX_WALLCLOCK_SECONDS=10, QUANT="rtn", WARMDOWN_FRAC="auto", LR_FLOOR=0)
+    args = tiny_args(WARMDOWN_ITERS=100, MAX_WALLCLOCK_SECONDS=10, QUANT="rtn", WARMDOWN_FRAC="auto")
     # 50 steps in 2 s: 40 ms/step, so the warmdown lasts 100 steps = 4 s, starting at 6 s
     assert train_gpt.lr_scale(50, 2000.0, args) == 1.0
     assert train_gpt.lr_scale(150, 6000.0, args) == pytest.approx(1.0)
@@ -45,21 +45,34 @@ def test_gptq_reserve_shortens_the_training_cap(tiny_args):
     assert tiny_args(MAX_WALLCLOCK_SECONDS=0).training_cap_seconds() == 0
 
 
-def test_warmdown_fraction_and_lr_floor(tiny_args):
-    """With a cap, WARMDOWN_FRAC sets the warmdown's share of the capped time, whatever the step time; without
-    one, WARMDOWN_ITERS still does. LR_FLOOR: the warmdown runs linearly from 1 down to the floor."""
-    args = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC=0.75, LR_FLOOR=0.1, ITERATIONS=100, WARMDOWN_ITERS=20)
+def test_warmdown_fraction_of_the_cap(tiny_args):
+    """With a cap, WARMDOWN_FRAC sets the warmdown's share of the capped time (the cap less a GPTQ reserve, when
+    given), whatever the step time; without one, WARMDOWN_ITERS still does."""
+    args = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC=0.75, ITERATIONS=100, WARMDOWN_ITERS=20, QUANT="rtn")
     assert train_gpt.lr_scale(10, 2499.0, args) == 1.0
     for step in (1, 300):  # the measured step time does not matter
-        assert train_gpt.lr_scale(step, 6250.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert train_gpt.lr_scale(400, 10_000.0, args) == pytest.approx(0.1)
-    args = tiny_args(MAX_WALLCLOCK_SECONDS=0, WARMDOWN_FRAC=0.75, LR_FLOOR=0.1, ITERATIONS=100, WARMDOWN_ITERS=20)
+        assert train_gpt.lr_scale(step, 6250.0, args) == pytest.approx(0.5)
+    assert train_gpt.lr_scale(400, 10_000.0, args) == 0.0
+    assert train_gpt.lr_scale(1, 5000.0, args, cap_ms=8000.0) == pytest.approx(0.5)  # a 2 s reserve: ends at 8 s
+    args = tiny_args(MAX_WALLCLOCK_SECONDS=0, WARMDOWN_FRAC=0.75, ITERATIONS=100, WARMDOWN_ITERS=20)
     assert train_gpt.lr_scale(79, 0.0, args) == 1.0
-    assert train_gpt.lr_scale(90, 0.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert train_gpt.lr_scale(100, 0.0, args) == pytest.approx(0.1)
-    defaults = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC="", LR_FLOOR="")  # 72% of the cap, to 0.1
+    assert train_gpt.lr_scale(90, 0.0, args) == pytest.approx(0.5)
+    defaults = tiny_args(MAX_WALLCLOCK_SECONDS=10, WARMDOWN_FRAC="")  # 72% of the cap
     assert train_gpt.lr_scale(1, 2799.0, defaults) == 1.0
-    assert train_gpt.lr_scale(1, 6400.0, defaults) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train_gpt.lr_scale(1, 6400.0, defaults) == pytest.approx(0.5)
+
+
+def test_lr_floor_lifts_the_learning_rate_not_the_schedule(tiny_args):
+    """LR_FLOOR: every group's LR runs from its base to LR_FLOOR x base over the warmdown, while the scale that late
+    QAT and SWA compare with their thresholds still runs to 0, as without a floor."""
+    args = tiny_args(LR_FLOOR=0.1, ITERATIONS=100, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0)
+    assert train_gpt.lr_scale(100, 0.0, args) == 0.0
+    trainer = train_gpt.Trainer(args, train_gpt.Runtime(args), train_gpt.build_model(args),
+                                train_gpt.load_validation_tokens(args), lambda line: None)
+    for scale in (1.0, 0.5, 0.0):
+        trainer.step(0, scale)
+        for group in (g for opt in trainer.optimizers for g in opt.param_groups):
+            assert group["lr"] == pytest.approx(group["base_lr"] * (0.1 + 0.9 * scale))
 
 
 def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
@@ -75,6 +88,8 @@ def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * group["base_lr"]  # the scheduled LR decays, not the base
         opt.step()
     lr = {id(p): g["lr"] for opt in optimizers for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
