@@ -150,7 +150,7 @@ class Hyperparameters:
         # with a cap: the warmdown's share of the training time (token records 0.72); auto: WARMDOWN_ITERS steps'
         # worth (reference)
         self.warmdown_frac = knob("WARMDOWN_FRAC", 0.72, float, lo=0.0, hi=1.0, auto=True)
-        self.lr_floor = knob("LR_FLOOR", 0.1, lo=0.0, hi=1.0)  # LR scale at the warmdown's end; reference 0
+        self.lr_floor = knob("LR_FLOOR", 0.1, lo=0.0, hi=1.0)  # LR at the warmdown's end, x its base; reference 0
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
         self.train_log_every = knob("TRAIN_LOG_EVERY", 200, lo=1)
         self.val_loss_every = knob("VAL_LOSS_EVERY", 0, lo=0)  # 0 = validate at the last step only

@@ -78,7 +78,7 @@ def test_lr_floor_lifts_the_learning_rate_not_the_schedule(tiny_args):
 def test_weight_decay_spares_the_control_tensors(tiny_args, cpu_runtime):
     """WEIGHT_DECAY is decoupled: a step with zero gradients shrinks the matrices of linear layers (Muon's and the
     head), the embeddings and slot positions by (1 - lr wd) and leaves the control tensors (gains, scales, mixes,
-    skip gates, start latent) as they were."""
+    start latent) as they were."""
     args = tiny_args(WEIGHT_DECAY=0.5, DECODER_LAYERS=2)
     model = randomize(train_gpt.build_model(args))
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, (train_gpt.CastedLinear, torch.nn.Embedding))}
