@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import io
 import json
 import lzma
@@ -32,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: every knob, read from the environment, checked before any heavy work
@@ -456,13 +456,19 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tenso
     """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
     the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference. Head sizes
     are zero-padded to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
+    from torch.nn.attention.flex_attention import create_block_mask
     T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
     q, k, v = (F.pad(t.to(v.dtype), (0, (1 << (D - 1).bit_length()) - D)) for t in (q, k, v))
-    return COMPILED_FLEX(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
+    return compiled_flex_attention()(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
 
 
-COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)  # compiles at its first call only
+@functools.cache
+def compiled_flex_attention():
+    """Compiled at its first call only. Imported here, not at the top: FlexAttention loads the compiler stack, which
+    would add seconds to the start of every CPU run (tests, tools) that never calls it."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:

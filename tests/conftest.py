@@ -126,6 +126,29 @@ class Run:
         return float(re.search(rf"{key}:([-0-9.e+]+)", self.lines(prefix)[-1]).group(1))
 
 
+class MainResult:
+    """What `train_gpt.main()` returned and printed, called in this process (see run_main)."""
+
+    def __init__(self, code: int, out: str, err: str, cwd: Path):
+        self.code, self.stdout, self.stderr, self.cwd = code, out, err, cwd
+
+
+def run_main(cwd: Path, env: dict, monkeypatch, capsys) -> MainResult:
+    """train_gpt.main() in this process with `env` set and `cwd` as the working folder: for runs that must stop
+    before any work (bad input), whose checks would otherwise pay for an interpreter and torch start-up each.
+    The one-line, traceback-free exit of a real process is checked once by run_script in each kind of test."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = train_gpt.main()
+    out, err = capsys.readouterr()
+    return MainResult(code, out, err, cwd)
+
+
 def run_script(cwd: Path, env: dict, nproc: int = 1, run_id: str = "test", timeout: int = 300) -> Run:
     """Runs train_gpt.py in `cwd` (its logs/ and artifact land there) with one process or torchrun."""
     cwd.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import SCRIPT, TINY, randomize, realistic, run_script, tiny_env
+from conftest import SCRIPT, TINY, randomize, realistic, run_main, run_script, tiny_env
 
 # MODEL_DIM=192 makes the MLPs (384x192), the predictor's first layer and the patch projection (192x768) larger
 # than SMALL_TENSOR_MAX, so a small model has int6 tensors, fp16 tensors, fp32 control tensors and a large
@@ -390,23 +390,43 @@ BAD_ARTIFACTS = [
 ]
 
 
-@pytest.mark.parametrize("name, content, reason", BAD_ARTIFACTS, ids=[c[0] for c in BAD_ARTIFACTS])
-def test_damaged_or_foreign_eval_only_file_is_one_error_line(name, content, reason, corpus, tmp_path, monkeypatch):
-    """EVAL_ONLY with a file that is not one of our artifacts: exit 2, one `error: EVAL_ONLY=...` line saying
-    what is wrong, no traceback, nothing run."""
-    for k, v in tiny_env(corpus).items():
-        monkeypatch.setenv(k, v)
+def write_bad_artifact(tmp_path, content) -> str:
     path = tmp_path / "bad.ptz"
     path.write_bytes(content(train_gpt.serialize_artifact(train_gpt.quantize_state(
         train_gpt.build_model(train_gpt.Hyperparameters()).state_dict()))))
-    run = run_script(tmp_path / "run", tiny_env(corpus, EVAL_ONLY=path), run_id="bad", timeout=120)
-    assert run.proc.returncode == 2, (run.proc.returncode, run.proc.stderr[-2000:])
-    lines = run.proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: EVAL_ONLY={path}: "), run.proc.stderr
+    return str(path)
+
+
+def assert_one_eval_only_error(code: int, stdout: str, stderr: str, cwd, path: str, reason: str):
+    assert code == 2, (code, stderr[-2000:])
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: EVAL_ONLY={path}: "), stderr
     assert reason in lines[0], lines[0]
-    assert "Traceback" not in run.proc.stderr + run.proc.stdout and not (run.cwd / "logs").exists()
+    assert "Traceback" not in stderr + stdout and not (cwd / "logs").exists()
 
 
+@pytest.mark.parametrize("name, content, reason", BAD_ARTIFACTS, ids=[c[0] for c in BAD_ARTIFACTS])
+def test_damaged_or_foreign_eval_only_file_is_one_error_line(name, content, reason, corpus, tmp_path, monkeypatch,
+                                                              capsys):
+    """EVAL_ONLY with a file that is not one of our artifacts: exit 2, one `error: EVAL_ONLY=...` line saying
+    what is wrong, no traceback, nothing run (main() in this process; a real process below)."""
+    for k, v in tiny_env(corpus).items():
+        monkeypatch.setenv(k, v)
+    path = write_bad_artifact(tmp_path, content)
+    r = run_main(tmp_path / "run", tiny_env(corpus, EVAL_ONLY=path), monkeypatch, capsys)
+    assert_one_eval_only_error(r.code, r.stdout, r.stderr, r.cwd, path, reason)
+
+
+def test_a_truncated_eval_only_file_stops_a_real_process_with_one_line(corpus, tmp_path, monkeypatch):
+    for k, v in tiny_env(corpus).items():
+        monkeypatch.setenv(k, v)
+    name, content, reason = next(case for case in BAD_ARTIFACTS if case[0] == "truncated-artifact")
+    path = write_bad_artifact(tmp_path, content)
+    run = run_script(tmp_path / "run", tiny_env(corpus, EVAL_ONLY=path), run_id="bad", timeout=120)
+    assert_one_eval_only_error(run.proc.returncode, run.proc.stdout, run.proc.stderr, run.cwd, path, reason)
+
+
+@pytest.mark.full
 def test_gaussian_default_model_is_rate_controlled_under_the_cap(monkeypatch, tmp_path):
     """The full-size default model with Gaussian weights everywhere: int6 alone is over the cap (Gaussian rows
     use every level), so build_artifact must coarsen some matrices, fit 16,000,000 bytes with the code, and

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import SCRIPT, TINY, run_script, tiny_env
+from conftest import SCRIPT, TINY, run_main, run_script, tiny_env
 
 # Every environment variable the script reads as a knob, found in its source so that a new knob is covered too.
 KNOB_NAMES = sorted(set(re.findall(r'\b(?:knob|env)\("([A-Z][A-Z0-9_]*)"', SCRIPT.read_text())))
@@ -255,35 +255,35 @@ def test_bad_environment_raises_config_error(case, tmp_path, corpus, monkeypatch
 
 # one per kind: type, boolean, range, choice, window/patch, batch divisibility, heads, KV heads, world size,
 # vocabulary, tokenizer file, dataset, EVAL_ONLY
-SUBPROCESS_IDS = ["int-given-word", "bool-maybe", "layers-zero", "quant", "seq-not-patch-multiple", "train-batch",
-                  "decoder-heads", "kv-not-dividing-heads", "world-size-3", "vocab-256", "tokenizer-sentencepiece",
-                  "dataset-missing", "eval-only-missing"]
+MAIN_IDS = ["int-given-word", "bool-maybe", "layers-zero", "quant", "seq-not-patch-multiple", "train-batch",
+            "decoder-heads", "kv-not-dividing-heads", "world-size-3", "vocab-256", "tokenizer-sentencepiece",
+            "dataset-missing", "eval-only-missing"]
 
 
-def assert_fails_fast(run, named, expected):
-    proc = run.proc
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def assert_fails_fast(code: int, stdout: str, stderr: str, cwd, named, expected):
+    assert code == 2, (code, stdout, stderr)
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert_names(lines[0], named, expected)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert "step:" not in proc.stdout and run.log == ""
-    assert not (run.cwd / "logs").exists()  # stopped before the logger, the process group and the model
+    assert "Traceback" not in stderr + stdout and "step:" not in stdout
+    assert not (cwd / "logs").exists()  # stopped before the logger, the process group and the model
 
 
-@pytest.mark.parametrize("case_id", SUBPROCESS_IDS)
-def test_script_stops_with_one_error_line(case_id, tmp_path, corpus):
+@pytest.mark.parametrize("case_id", MAIN_IDS)
+def test_main_stops_with_one_error_line(case_id, tmp_path, corpus, monkeypatch, capsys):
     env, named, expected = prepare_case(BAD[BAD_IDS.index(case_id)], tmp_path, corpus)
-    run = run_script(tmp_path / "run", env, timeout=120)
-    assert_fails_fast(run, named, expected)
+    r = run_main(tmp_path / "run", env, monkeypatch, capsys)
+    assert_fails_fast(r.code, r.stdout, r.stderr, r.cwd, named, expected)
 
 
 def test_fresh_checkout_points_to_data_command(tmp_path, corpus):
-    """Default DATA_PATH and TOKENIZER_PATH, neither prepared: the one line says how to get the data."""
+    """A real process, as a user starts it: default DATA_PATH and TOKENIZER_PATH, neither prepared: the one line
+    says how to get the data, and nothing else is printed (no traceback, no log)."""
     env = {k: v for k, v in tiny_env(corpus).items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
     env.update(DATA_PATH="", TOKENIZER_PATH="")  # empty = default, whatever the calling shell has set
     run = run_script(tmp_path, env, timeout=120)
-    assert_fails_fast(run, [], ["python3 data/prepare.py"])
+    assert_fails_fast(run.proc.returncode, run.proc.stdout, run.proc.stderr, run.cwd, [], ["python3 data/prepare.py"])
+    assert run.log == ""
 
 
 def test_torchrun_two_processes_bad_value(tmp_path, corpus):
@@ -310,11 +310,11 @@ def test_torchrun_two_processes_bad_value(tmp_path, corpus):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 @pytest.mark.parametrize("device", ["", "auto", "cuda"])
-def test_without_cuda_a_run_must_ask_for_the_cpu(tmp_path, corpus, device):
+def test_without_cuda_a_run_must_ask_for_the_cpu(tmp_path, corpus, device, monkeypatch, capsys):
     """No silent fallback: auto (the default) and cuda stop before any work with one line naming DEVICE."""
-    run = run_script(tmp_path, tiny_env(corpus, DEVICE=device), timeout=120)
+    r = run_main(tmp_path, tiny_env(corpus, DEVICE=device), monkeypatch, capsys)
     hint = ["DEVICE=cpu", "SMOKE=1"] if device != "cuda" else ["CUDA is not available"]
-    assert_fails_fast(run, [("DEVICE", device or "auto")], hint)
+    assert_fails_fast(r.code, r.stdout, r.stderr, r.cwd, [("DEVICE", device or "auto")], hint)
 
 
 def test_device_cpu_runs_on_the_cpu_and_cuda_is_refused_in_process(tiny_args):
