@@ -97,6 +97,37 @@ def tiny_env(corpus: Path, **overrides) -> dict:
     return env
 
 
+# The shared end-to-end runs: six steps with validation at step 3, then the whole export and evaluation path.
+SEED_RUN = dict(ITERATIONS=6, VAL_LOSS_EVERY=3)
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture(scope="session")
+def seed_runs(corpus, tmp_path_factory) -> dict[int, "Run"]:
+    """Three real tiny runs differing only in SEED, in one folder (logs/tiny_s<seed>.txt), made once for the whole
+    suite: tools/summarize.py reads them as a record's seeds, and seed 1 is the one-process side of the 1 vs 2
+    process comparison."""
+    cwd = tmp_path_factory.mktemp("seeds")
+    runs = {seed: run_script(cwd, tiny_env(corpus, SEED=seed, **SEED_RUN), run_id=f"tiny_s{seed}") for seed in SEEDS}
+    for run in runs.values():
+        assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    return runs
+
+
+@pytest.fixture(scope="session")
+def two_process_run(corpus, tmp_path_factory) -> "Run":
+    """Seed 1's run on two processes (gloo, 4 accumulation steps each)."""
+    return run_script(tmp_path_factory.mktemp("two"), tiny_env(corpus, SEED=1, **SEED_RUN), nproc=2, run_id="two")
+
+
+@pytest.fixture(scope="session")
+def over_cap_run(corpus, tmp_path_factory) -> "Run":
+    """A fourth seed of the shared runs under a size cap below the script's own size, which nothing can meet: the run
+    stops at the size check (exit 3)."""
+    env = tiny_env(corpus, SEED=4, SIZE_CAP_BYTES=50_000, **SEED_RUN)
+    return run_script(tmp_path_factory.mktemp("capped"), env, run_id="tiny_s4")
+
+
 @pytest.fixture
 def tiny_args(corpus, monkeypatch):
     """Hyperparameters() of the tiny configuration (plus overrides), read from a patched environment."""
@@ -113,8 +144,8 @@ def cpu_runtime(tiny_args):
 
 
 class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, cwd: Path, run_id: str):
-        self.proc, self.cwd, self.run_id = proc, cwd, run_id
+    def __init__(self, proc: subprocess.CompletedProcess, cwd: Path, run_id: str, env: dict):
+        self.proc, self.cwd, self.run_id, self.env = proc, cwd, run_id, env
         path = cwd / "logs" / f"{run_id}.txt"
         self.log = path.read_text() if path.exists() else ""
 
@@ -160,4 +191,4 @@ def run_script(cwd: Path, env: dict, nproc: int = 1, run_id: str = "test", timeo
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(SCRIPT)]
     proc = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
-    return Run(proc, cwd, run_id)
+    return Run(proc, cwd, run_id, env)

@@ -483,14 +483,12 @@ def test_rate_control_steps_down_the_cheapest_matrices_and_logs_each_step(wide_m
     assert set(decoded) == set(train_gpt.quantize_state(state))  # same entries, some of them narrower
 
 
-def test_a_tiny_run_under_a_tight_cap_coarsens_and_still_evaluates(corpus, tmp_path):
+def test_a_tiny_run_under_a_tight_cap_coarsens_and_still_evaluates(sized_runs, tmp_path):
     """Through the command line: a cap below what the run's artifact needs at the default widths is met by
-    coarsening (logged), the run exits 0 and its sizes fit; a cap below the code alone is exit 3 (see above)."""
-    env = tiny_env(corpus, ITERATIONS=2, TTT_ENABLED=0, PREQUANT_EVAL=0)
-    free = run_script(tmp_path / "free", env, run_id="free")
-    assert free.proc.returncode == 0, free.proc.stderr[-2000:]
+    coarsening (logged), the run exits 0 and its sizes fit; a cap below the code alone is exit 3 (see below)."""
+    free = sized_runs[0]
     need = size_line(free, "Total submission size int6+lzma:")
-    tight = run_script(tmp_path / "tight", dict(env, SIZE_CAP_BYTES=str(need - 3000)), run_id="tight")
+    tight = run_script(tmp_path / "tight", dict(free.env, SIZE_CAP_BYTES=str(need - 3000)), run_id="tight")
     assert tight.proc.returncode == 0, tight.proc.stderr[-2000:]
     assert tight.lines("rate_control: step 1:") and "(cap" in tight.lines("rate_control: step 0:")[0]
     total = size_line(tight, "Total submission size int6+lzma:")
@@ -523,24 +521,28 @@ def test_check_size_lines_and_cap():
     assert train_gpt.check_size(15_999_999, 1, lambda msg: None) == 16_000_000
 
 
-@pytest.mark.parametrize("eval_only", [False, True])
-def test_over_the_cap_the_run_exits_3_before_any_evaluation(corpus, tmp_path, tiny_args, eval_only):
-    """A cap below the script's own size can never be met: the run (training, or EVAL_ONLY) writes the size
-    lines and the loud line, then exits with status 3 without evaluating or writing a submission."""
-    env = tiny_env(corpus, ITERATIONS=2, SIZE_CAP_BYTES=1000, SLIDING_EVAL=1)
-    if eval_only:
-        artifact = tmp_path / "a.ptz"
-        model = realistic(train_gpt.build_model(tiny_args()))
-        artifact.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
-        env["EVAL_ONLY"] = str(artifact)
-    run = run_script(tmp_path / "run", env, run_id="over")
+def assert_stopped_over_the_cap(run, cap: int):
+    """The size lines and the loud line, then exit 3 without evaluating or writing a submission."""
     assert run.proc.returncode == 3, (run.proc.returncode, run.proc.stderr[-2000:])
     assert len(run.lines("!!! SIZE CAP EXCEEDED")) == 1 and run.lines("Total submission size int6+lzma:")
     assert not [line for line in run.log.splitlines() if line.startswith(("final_", "ttt_", "sliding_"))]
-    assert not (run.cwd / "logs" / "over.submission.json").exists()
+    assert not (run.cwd / "logs" / f"{run.run_id}.submission.json").exists()
     assert "Traceback" not in run.proc.stderr
     error = run.proc.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: SIZE_CAP_BYTES=1000: code + artifact take"), error
+    assert len(error) == 1 and error[0].startswith(f"error: SIZE_CAP_BYTES={cap}: code + artifact take"), error
+
+
+def test_over_the_cap_a_training_run_exits_3_before_any_evaluation(over_cap_run):
+    """A cap below the script's own size can never be met (conftest's over_cap_run: 50,000 bytes)."""
+    assert_stopped_over_the_cap(over_cap_run, 50_000)
+
+
+def test_over_the_cap_eval_only_exits_3_before_any_evaluation(corpus, tmp_path, tiny_args):
+    artifact = tmp_path / "a.ptz"
+    model = realistic(train_gpt.build_model(tiny_args()))
+    artifact.write_bytes(train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict())))
+    env = tiny_env(corpus, SIZE_CAP_BYTES=1000, SLIDING_EVAL=1, EVAL_ONLY=str(artifact))
+    assert_stopped_over_the_cap(run_script(tmp_path / "run", env, run_id="over"), 1000)
 
 
 def size_line(run, prefix: str) -> int:

@@ -12,33 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, SEED_RUN, SEEDS, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "tools"))
 import summarize  # noqa: E402
 
 TOOL = ROOT / "tools" / "summarize.py"
-SEEDS = (1, 2, 3)
+@pytest.fixture(scope="module")
+def seed_logs(seed_runs) -> Path:
+    """The folder of the three real tiny runs differing only in SEED (conftest's seed_runs)."""
+    return seed_runs[1].cwd / "logs"
 
 
 @pytest.fixture(scope="module")
-def seed_logs(corpus, tmp_path_factory) -> Path:
-    """Three real tiny runs differing only in SEED; their logs, in one folder."""
-    cwd = tmp_path_factory.mktemp("seeds")
-    for seed in SEEDS:
-        run = run_script(cwd, tiny_env(corpus, SEED=seed, ITERATIONS=6, VAL_LOSS_EVERY=3), run_id=f"tiny_s{seed}")
-        assert run.proc.returncode == 0, run.proc.stderr[-3000:]
-    return cwd / "logs"
-
-
-@pytest.fixture(scope="module")
-def capped_log(corpus, tmp_path_factory) -> Path:
+def capped_log(over_cap_run) -> Path:
     """A fourth seed of the same configuration, run under a lowered size cap: train_gpt.py stops at the size check."""
-    cwd = tmp_path_factory.mktemp("capped")
-    run = run_script(cwd, tiny_env(corpus, SEED=4, ITERATIONS=6, VAL_LOSS_EVERY=3, SIZE_CAP_BYTES=100_000),
-                     run_id="tiny_s4")
-    assert run.proc.returncode == 3 and run.lines("!!! SIZE CAP EXCEEDED"), run.proc.stderr[-3000:]
-    return cwd / "logs" / "tiny_s4.txt"
+    assert over_cap_run.proc.returncode == 3 and over_cap_run.lines("!!! SIZE CAP EXCEEDED"), over_cap_run.proc.stderr
+    return over_cap_run.cwd / "logs" / "tiny_s4.txt"
 
 
 def logged(path: Path, pattern: str) -> tuple:
@@ -186,12 +176,12 @@ def test_a_real_over_cap_run_is_shown_flagged_beside_its_seeds(seed_logs, capped
     row = table(out.stdout)["tiny_s4"]
     assert row["total"] == str(total) and row["ttt_bpb"] == row["prequant_bpb"] == "-"
     # the run's own `error: SIZE_CAP_BYTES=…` line is flagged too, between the two
-    assert row["flags"].startswith(f"FLAGGED: over the 100,000-byte cap ({total:,} bytes); error: SIZE_CAP_BYTES")
+    assert row["flags"].startswith(f"FLAGGED: over the 50,000-byte cap ({total:,} bytes); error: SIZE_CAP_BYTES")
     assert row["flags"].endswith("; no final_ttt_exact line")
     bpbs = [exact(seed_logs / f"tiny_s{s}.txt", "final_ttt")[1] for s in SEEDS]
     assert "seeds averaged: 3 of 4 (tiny_s1, tiny_s2, tiny_s3)" in out.stdout
     assert f"val_bpb: mean {statistics.fmean(bpbs):.8f}  std {statistics.stdev(bpbs):.8f}" in out.stdout
-    assert "warning: tiny_s4 left out of the means: over the 100,000-byte cap" in out.stdout
+    assert "warning: tiny_s4 left out of the means: over the 50,000-byte cap" in out.stdout
 
 
 def test_a_future_mismatch_error_line_and_a_missing_final_line_are_flagged(seed_logs, tmp_path):

@@ -185,12 +185,9 @@ def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime, ngr
 
 
 @pytest.fixture(scope="module")
-def twin_runs(corpus, tmp_path_factory):
-    """The same tiny run on 1 and on 2 processes (gloo), with periodic validation and TTT."""
-    env = tiny_env(corpus, ITERATIONS=10, VAL_LOSS_EVERY=4, TRAIN_LOG_EVERY=1, USE_COMPILE=0)
-    one = run_script(tmp_path_factory.mktemp("one"), env, nproc=1, run_id="one")
-    two = run_script(tmp_path_factory.mktemp("two"), env, nproc=2, run_id="two")
-    return one, two
+def twin_runs(seed_runs, two_process_run):
+    """The same tiny run on 1 and on 2 processes (gloo), with validation at step 3 and TTT."""
+    return seed_runs[1], two_process_run
 
 
 def test_one_and_two_processes_give_the_same_step_losses(twin_runs):
@@ -199,10 +196,10 @@ def test_one_and_two_processes_give_the_same_step_losses(twin_runs):
     assert two.proc.returncode == 0, two.proc.stderr[-3000:]
     assert "world_size:2 grad_accum_steps:4" in two.log
     a, b = train_losses(one), train_losses(two)
-    assert sorted(a) == list(range(1, 11)) and sorted(b) == sorted(a)
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == sorted(a)
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), f"step {step}"  # printed with 4 decimals; seen equal
-    for label in ("step:4/10 val", "step:8/10 val", "final_int6_lzma_roundtrip_exact", "final_ttt_exact"):
+    for label in ("step:3/6 val", "final_int6_lzma_roundtrip_exact", "final_ttt_exact"):
         # seen: equal to 4 decimals (periodic validation), within 1e-7 relative (the 8-decimal final lines)
         assert two.value(label, "val_bpb") == pytest.approx(one.value(label, "val_bpb"), rel=1e-6), label
 
@@ -259,30 +256,34 @@ def test_loss_falls_on_a_small_corpus(corpus, tmp_path):
     assert averaged < 4.0 and abs(averaged - live) > 1e-3, (live, averaged)
 
 
-def test_final_validation_is_not_repeated_when_prequant_eval_runs(corpus, tmp_path):
+def test_final_validation_is_not_repeated_when_prequant_eval_runs(twin_runs):
     """final_prequant scores the averaged weights; validating the live ones at the last step would be the same
     work again (validation at earlier steps still runs)."""
-    env = tiny_env(corpus, ITERATIONS=8, VAL_LOSS_EVERY=4, TTT_ENABLED=0, PREQUANT_EVAL=1)
-    run = run_script(tmp_path, env, run_id="noval")
-    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
-    assert run.lines("step:4/8 val_loss:") and not run.lines("step:8/8 val_loss:")
-    assert run.lines("final_prequant_exact")
+    for run in twin_runs:
+        assert run.lines("step:3/6 val_loss:") and not run.lines("step:6/6 val_loss:")
+        assert run.lines("final_prequant_exact")
 
 
-def test_validation_during_training_leaves_training_unharmed(twin_runs, corpus, tmp_path):
+@pytest.fixture(scope="module")
+def quiet_runs(corpus, tmp_path_factory):
+    """Seed 1's training without validation, evaluation or TTT: cold, and after 3 priming steps."""
+    env = tiny_env(corpus, SEED=1, ITERATIONS=6, TTT_ENABLED=0, PREQUANT_EVAL=0, ROUNDTRIP_EVAL=0)
+    cold = run_script(tmp_path_factory.mktemp("cold"), env, run_id="cold")
+    primed = run_script(tmp_path_factory.mktemp("primed"), dict(env, WARMUP_STEPS="3"), run_id="primed")
+    return cold, primed
+
+
+def test_validation_during_training_leaves_training_unharmed(twin_runs, quiet_runs):
     """Periodic validation runs under inference mode; the training that follows must be the same."""
     one, _ = twin_runs
-    quiet = run_script(tmp_path, tiny_env(corpus, ITERATIONS=10, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=1,
-                                          TTT_ENABLED=0), run_id="quiet")
+    quiet, _ = quiet_runs
     assert quiet.proc.returncode == 0, quiet.proc.stderr[-3000:]
-    assert len(one.lines("step:4/10 val")) == 1 and not quiet.lines("step:4/10 val")
+    assert len(one.lines("step:3/6 val")) == 1 and not quiet.lines("step:3/6 val")
     assert train_losses(quiet) == train_losses(one)
 
 
-def test_warmup_priming_restores_weights_optimizer_and_data(corpus, tmp_path):
-    env = tiny_env(corpus, ITERATIONS=6, TTT_ENABLED=0, PREQUANT_EVAL=0, ROUNDTRIP_EVAL=0)
-    cold = run_script(tmp_path / "cold", env, run_id="cold")
-    primed = run_script(tmp_path / "primed", dict(env, WARMUP_STEPS="3"), run_id="primed")
+def test_warmup_priming_restores_weights_optimizer_and_data(quiet_runs):
+    cold, primed = quiet_runs
     assert primed.proc.returncode == 0, primed.proc.stderr[-3000:]
     assert primed.lines("warmup_priming: 3 steps")
     assert train_losses(primed) == train_losses(cold)
