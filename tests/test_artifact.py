@@ -67,15 +67,15 @@ def test_rtn_values_in_range_and_error_bounded_per_row(kind):
     assert (q.abs().amax(dim=1) >= 30).all()
 
 
-def brute_force_rtn(w: torch.Tensor) -> tuple[int, list[float]]:
-    """Independent reference in numpy (float64): per candidate quantile, per-row fp16 scales clip/31 (1 for a
-    zero clip), round to nearest, clamp to [-31, 31]; returns the index of least summed squared error."""
+def brute_force_rtn(w: torch.Tensor, qmax: int = 31) -> tuple[int, list[float]]:
+    """Independent reference in numpy (float64): per candidate quantile, per-row fp16 scales clip/qmax (1 for a
+    zero clip), round to nearest, clamp to [-qmax, qmax]; returns the index of least summed squared error."""
     a = w.double().numpy()
     errors = []
     for quantile in train_gpt.CLIP_QUANTILES:
         clip = np.quantile(np.abs(a), quantile, axis=1)  # linear interpolation, like torch.quantile
-        s = np.where(clip > 0, clip / 31, 1.0).astype(np.float16).astype(np.float64)
-        q = np.clip(np.round(a / s[:, None]), -31, 31)
+        s = np.where(clip > 0, clip / qmax, 1.0).astype(np.float16).astype(np.float64)
+        q = np.clip(np.round(a / s[:, None]), -qmax, qmax)
         errors.append(float(((q * s[:, None] - a) ** 2).sum()))
     return int(np.argmin(errors)), errors
 
@@ -154,7 +154,8 @@ def layer_output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales
     return (x @ (w - train_gpt.dequantize(q, scales)).T).double().square().sum().item()
 
 
-def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp: float = 0.01,
+                   qmax: int = 31) -> torch.Tensor:
     """Textbook GPTQ in float64, one column at a time with the explicit inverse-Hessian downdate (no Cholesky, no
     blocks): same column order (largest Hessian diagonal first), dampening and dead-input handling."""
     w, h = w.double().clone(), h.double().clone()
@@ -168,7 +169,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp:
     s = scales.double()
     q = torch.zeros_like(w)
     for j in range(w.size(1)):
-        q[:, j] = torch.clamp(torch.round(w[:, j] / s), -31, 31)
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax)
         err = (w[:, j] - q[:, j] * s) / hinv[j, j]
         w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
         hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
@@ -195,6 +196,34 @@ def test_gptq_output_error_on_correlated_inputs_is_below_rtn():
     assert not torch.equal(q_gptq, q_rtn)
     err_rtn, err_gptq = layer_output_error(x, w, q_rtn, s_rtn), layer_output_error(x, w, q_gptq, s_gptq)
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def correlated_inputs(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) @ (torch.randn(cols, cols, generator=g) *
+                                                   torch.logspace(0, -2, cols)[:, None])
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_every_width_of_the_ladder_in_both_quantisers(bits):
+    """quantize_matrix at each width rate control uses: round to nearest keeps the least-MSE clip on that width's
+    grid (numpy reference), GPTQ is the textbook algorithm on that grid with RTN's scales; both fill the grid
+    [-qmax, qmax] and never leave it, and GPTQ's outputs move less than RTN's."""
+    qmax = 2 ** (bits - 1) - 1
+    w = heavy_tailed(24, 256, bits) * 0.02
+    best, errors = brute_force_rtn(w, qmax)
+    rtn = train_gpt.quantize_matrix(w, None, bits)
+    assert rtn["q"].dtype == torch.int8 and int(rtn["q"].abs().max()) == qmax
+    err = (train_gpt.dequantize(rtn["q"], rtn["scale"]).double() - w.double()).square().sum().item()
+    assert err <= min(errors) * (1 + 1e-4), (err, errors)
+    assert torch.equal(rtn["scale"], train_gpt.row_scales(w, train_gpt.CLIP_QUANTILES[best], qmax)) or \
+        sorted(errors)[1] < min(errors) * (1 + 1e-4)  # a near tie may pick the other candidate
+    x = correlated_inputs(512, 256, bits)
+    hessian = x.T @ x / x.size(0)
+    gptq = train_gpt.quantize_matrix(w, hessian, bits)
+    assert torch.equal(gptq["scale"], rtn["scale"]) and int(gptq["q"].abs().max()) <= qmax
+    assert (gptq["q"].double() == reference_gptq(w, hessian, gptq["scale"], qmax=qmax)).double().mean() > 0.99
+    assert layer_output_error(x, w, gptq["q"], gptq["scale"]) < layer_output_error(x, w, rtn["q"], rtn["scale"])
 
 
 def test_q_k_and_v_share_one_hessian_equal_to_their_own_inputs(tiny_args):
