@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,23 @@ def tiny_args(corpus, monkeypatch):
 @pytest.fixture
 def cpu_runtime(tiny_args):
     return train_gpt.Runtime(tiny_args())
+
+
+class VirtualClock:
+    """Time as the evaluation sees it: it advances only by the cost charged per window scored or trained on,
+    so projections are exact and the test does not depend on the machine's speed or load."""
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        for name in ("perf_counter", "monotonic", "time"):
+            monkeypatch.setattr(time, name, lambda: self.now)
+
+    def charge(self, fn, seconds_per_window: float, counter: list):
+        def slow(ids, *rest):
+            self.now += seconds_per_window * ids.size(0)
+            counter.append(ids.size(0))
+            return fn(ids, *rest)
+        return slow
 
 
 class Run:

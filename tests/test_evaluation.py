@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import randomize, run_script, tiny_env
+from conftest import VirtualClock, randomize, run_script, tiny_env
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -279,23 +279,6 @@ def test_ttt_adapts_with_cosine_lr_momentum_and_frozen_blocks(tiny_args, cpu_run
             torch.testing.assert_close(p.detach(), expected[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
-class VirtualClock:
-    """Time as the evaluation sees it: it advances only by the cost charged per window scored or trained on,
-    so projections are exact and the test does not depend on the machine's speed or load."""
-
-    def __init__(self, monkeypatch):
-        self.now = 1000.0
-        for name in ("perf_counter", "monotonic", "time"):
-            monkeypatch.setattr(time, name, lambda: self.now)
-
-    def charge(self, fn, seconds_per_window: float, counter: list):
-        def slow(ids, *rest):
-            self.now += seconds_per_window * ids.size(0)
-            counter.append(ids.size(0))
-            return fn(ids, *rest)
-        return slow
-
-
 def test_time_budget_projects_the_remaining_scoring_and_stops_adaptation_part_way(tiny_args, cpu_runtime,
                                                                                    monkeypatch):
     """6 chunks; scoring a chunk costs 0.5 s (16 windows), adapting on one 0.5 s (4 windows, 1 epoch); 1 s was
@@ -315,14 +298,16 @@ def test_time_budget_projects_the_remaining_scoring_and_stops_adaptation_part_wa
     adapted = sum(trained) / 4
     assert sum(scored) >= 6 * 16 - 3 and totals.targets == len(tokens) - 1
     assert len([line for line in lines if line.startswith("ttt_budget_stop:")]) == 1
-    assert 1 <= adapted < 5, f"{adapted} chunks adapted: the budget should stop adaptation part way"
+    assert adapted == 2, f"{adapted} chunks adapted: exactly 2 fit the budget"
     assert finish <= 5.25, f"evaluation ran {finish:.2f}s past a 5.25s budget: the projection left out work"
     assert finish > 5.25 - 0.5, f"stopped at {finish:.2f}s: another adaptation (0.5s) would have fitted"
 
 
-def test_a_scored_target_count_mismatch_is_an_error(tiny_args, cpu_runtime, monkeypatch):
-    """A plan that scores a target twice must stop the evaluation, never yield a score."""
-    monkeypatch.setattr(train_gpt, "rank_share", lambda items, rt: items + items[:1])
+@pytest.mark.parametrize("flaw", ["a window twice", "a window left out"])
+def test_a_scored_target_count_mismatch_is_an_error(tiny_args, cpu_runtime, monkeypatch, flaw):
+    """A plan that scores a target twice, or not at all, must stop the evaluation, never yield a score."""
+    share = (lambda items, rt: items + items[:1]) if flaw == "a window twice" else (lambda items, rt: items[1:])
+    monkeypatch.setattr(train_gpt, "rank_share", share)
     args = tiny_args()
     model = randomize(train_gpt.build_model(args)).eval()
     tokens = stream(1100, seed=1)

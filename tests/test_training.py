@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REFERENCE, REFERENCE_RECIPE, randomize, run_script, tiny_env
+from conftest import REFERENCE, REFERENCE_RECIPE, VirtualClock, randomize, run_script, tiny_env
 
 
 def train_losses(run) -> dict[int, float]:
@@ -307,6 +307,25 @@ def test_wallclock_cap_stops_early_and_logs_it(corpus, tmp_path):
     assert info["step_stop"] == stopped_at and info["wallclock_seconds"] == pytest.approx(train_ms / 1000, abs=0.05)
     assert run.lines("late_qat: on at step:"), "a warmdown longer than the run starts QAT at once"
     assert run.lines("final_prequant_exact") and not run.lines(f"step:{stopped_at}/100000 val_loss:")
+
+
+@pytest.mark.parametrize("cap, steps", [(1.05, 10), (1.25, 12)])
+def test_training_stops_after_the_last_step_that_ends_inside_the_cap(tiny_args, cpu_runtime, monkeypatch, cap, steps):
+    """Virtual clock: every step costs exactly 0.1 s. Under a cap of 1.05 s, 10 steps end at 1.0 s and an 11th would
+    end past the cap: training stops after exactly 10, neither one step early nor one late (and 12 under 1.25 s)."""
+    args = tiny_args(ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=cap, GPTQ_RESERVE_SECONDS=0, TRAIN_LOG_EVERY=1000)
+    clock, step = VirtualClock(monkeypatch), train_gpt.Trainer.step
+
+    def timed_step(self, *a):
+        clock.now += 0.1
+        return step(self, *a)
+
+    monkeypatch.setattr(train_gpt.Trainer, "step", timed_step)
+    lines = []
+    val = train_gpt.load_validation_tokens(args)
+    facts = train_gpt.Trainer(args, cpu_runtime, train_gpt.build_model(args), val, lines.append).run()
+    assert facts == dict(step_stop=steps, wallclock_seconds=steps / 10)
+    assert f"stopping_early: wallclock_cap train_time:{steps * 100}ms step:{steps}/100000" in lines
 
 
 def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
