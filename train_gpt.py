@@ -3,7 +3,8 @@ Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byt
 
 A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
 a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
-Training: Muon + Adam, wallclock-capped, EMA/SWA, late QAT. Artifact: int6 (RTN or GPTQ) + LZMA.
+Training: Muon + Adam, wallclock-capped, EMA/SWA (late QAT optional). Artifact: int6 (GPTQ or RTN) + LZMA,
+rate-controlled to the cap.
 Evaluation: exact bits per byte, sliding windows, score-first test-time training.
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py        (knobs: environment variables, see Hyperparameters)
@@ -1716,8 +1717,9 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
     on_track = rt.cuda and rt.world == 8 and 0 < args.max_wallclock_seconds <= 600 and not args.smoke
     info = dict(
         name="Byte-level JEPA encoder-decoder", date=time.strftime("%Y-%m-%d", time.gmtime()),
-        blurb="Pure-byte JEPA: patch encoder predicting the next patch latent, causal byte decoder conditioned "
-              "on it; Muon, EMA/SWA, late QAT, int6 GPTQ/RTN + LZMA, score-first TTT.",
+        blurb="Pure-byte JEPA: patch encoder predicting the next patch latent, windowed causal byte decoder "
+              "conditioned on it, hashed n-grams; Muon (MuonEq-R, weight decay), EMA, int6 GPTQ + LZMA under rate "
+              "control, score-first TTT.",
         track="10min_16mb" if on_track else "non_record", hardware=describe_hardware(rt), run_id=args.run_id,
         val_loss=final.loss if final else None, val_bpb=final.bpb if final else None,
         pre_quant_val_loss=prequant.loss if prequant else None, pre_quant_val_bpb=prequant.bpb if prequant else None,
