@@ -166,6 +166,23 @@ def test_over_cap_mismatch_and_over_time_runs_are_flagged_and_left_out(seed_logs
     assert "FLAGGED: training 600.5s > 600s; evaluation 600.5s > 600s" in row
 
 
+@pytest.mark.parametrize("over", [False, True])
+def test_each_limit_holds_at_its_edge_and_flags_one_unit_past_it(seed_logs, tmp_path, over):
+    """Exactly at a limit is within the rules (16,000,000 bytes, 600 s of training with calibration, 600 s of
+    evaluation); one byte, 10 ms or 1 ms more is flagged, each limit on its own."""
+    logs = copy_logs(seed_logs, tmp_path / "logs")
+    edit(logs / "tiny_s1.txt", r"^Total submission size (\S+): \d+ bytes", rf"Total submission size \1: {16_000_000 + over} bytes")
+    edit(logs / "tiny_s2.txt", r"^(step:6/6 train_loss.*)train_time:\d+ms", rf"\g<1>train_time:{500_000 + 10 * over}ms")
+    edit(logs / "tiny_s2.txt", r"^(gptq_calibration: .* in )\S+s", r"\g<1>100.00s")
+    edit(logs / "tiny_s3.txt", r"^eval_total_time:\d+ms", f"eval_total_time:{600_000 + over}ms")
+    flags = {seed: summarize.flags_of(summarize.read_run(logs / f"tiny_s{seed}.txt")) for seed in SEEDS}
+    if not over:
+        assert flags == {1: [], 2: [], 3: []}
+        return
+    assert flags[1] == ["over the 16,000,000-byte cap (16,000,001 bytes)"]
+    assert flags[2] == ["training 600.0s > 600s"] and flags[3] == ["evaluation 600.0s > 600s"]
+
+
 def test_a_real_over_cap_run_is_shown_flagged_beside_its_seeds(seed_logs, capped_log, tmp_path):
     logs = copy_logs(seed_logs, tmp_path / "logs")
     shutil.copy(capped_log, logs)
