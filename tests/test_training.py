@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import train_gpt
 from conftest import REFERENCE, REFERENCE_RECIPE, VirtualClock, randomize, run_script, tiny_env
@@ -326,6 +327,19 @@ def test_training_stops_after_the_last_step_that_ends_inside_the_cap(tiny_args, 
     facts = train_gpt.Trainer(args, cpu_runtime, train_gpt.build_model(args), val, lines.append).run()
     assert facts == dict(step_stop=steps, wallclock_seconds=steps / 10)
     assert f"stopping_early: wallclock_cap train_time:{steps * 100}ms step:{steps}/100000" in lines
+
+
+def test_the_shared_clock_is_the_slowest_rank_s(cpu_runtime, monkeypatch):
+    """On several ranks each reads the slowest rank's training time, so the cap holds for every rank and all stop
+    after the same step: the all-reduce must take the maximum (here another rank at 500 ms, this one at 100 ms)."""
+    def all_reduce(t, op, group=None):  # this rank's value and the other rank's, reduced as `op` says
+        pick = max if op == dist.ReduceOp.MAX else min if op == dist.ReduceOp.MIN else sum
+        t.fill_(pick([t.item(), 500.0]))
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    cpu_runtime.world = 2
+    clock = train_gpt.SharedClock(cpu_runtime)
+    assert clock.read(100.0) == 500.0 and clock.read(700.0) == 700.0
 
 
 def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
