@@ -103,6 +103,18 @@ SEED_RUN = dict(ITERATIONS=6, VAL_LOSS_EVERY=3)
 SEEDS = (1, 2, 3)
 
 
+SHARED_RUNS = {"seed_runs", "two_process_run", "over_cap_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (pytest.ini), every test that reads the shared runs goes to one worker: a session fixture is
+    made once per worker that asks for it, and these runs are the suite's most expensive."""
+    for item in items:
+        if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("shared_runs"))
+
+
 @pytest.fixture(scope="session")
 def seed_runs(corpus, tmp_path_factory) -> dict[int, "Run"]:
     """Three real tiny runs differing only in SEED, in one folder (logs/tiny_s<seed>.txt), made once for the whole

@@ -54,20 +54,20 @@ def test_text_corpus_bad_source_is_one_line(tmp_path, capsys):
 
 
 def test_proxy_runs_its_configuration_on_a_corpus_built_from_text(tmp_path):
-    """The README's recipe end to end, shortened to 2 steps: the log holds the proxy's configuration."""
+    """The README's recipe end to end, shortened to 1 step: the log holds the proxy's configuration."""
     write_sources(tmp_path / "src")
     subprocess.run([sys.executable, str(ROOT / "tools" / "text_corpus.py"), str(tmp_path / "d.jsonl"),
                     str(tmp_path / "src")], check=True, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--docs", str(tmp_path / "d.jsonl"),
                     "--num-val-docs", "12", "--output", str(tmp_path / "corpus")], check=True, capture_output=True)
     (tmp_path / "train_gpt.py").symlink_to(ROOT / "train_gpt.py")  # a project root whose logs/ is the test's own
-    overrides = ["ITERATIONS=2", "TTT_ENABLED=0", "PREQUANT_EVAL=0", "GPTQ_CALIB_BATCHES=1"]
+    overrides = ["ITERATIONS=1", "TTT_ENABLED=0", "PREQUANT_EVAL=0", "GPTQ_CALIB_BATCHES=1"]
     proc = subprocess.run(["bash", str(ROOT / "tools" / "proxy.sh"), "short", str(tmp_path / "corpus"), *overrides],
                           cwd=tmp_path, env=dict(os.environ, RUN_ID="proxy_test"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (tmp_path / "logs" / "proxy_test.txt").read_text()
-    for knob in ("model_dim=128", "train_seq_len=511", "train_batch_tokens=16352", "iterations=2",
+    for knob in ("model_dim=128", "train_seq_len=511", "train_batch_tokens=16352", "iterations=1",
                  "ema_decay=0.98", "gptq_calib_batches=1"):
         assert f"hparam {knob}\n" in log, knob
     assert re.search(r"^final_int6_lzma_roundtrip_exact val_loss:\S+ val_bpb:\S+$", proc.stdout, re.M), proc.stdout

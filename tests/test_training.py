@@ -244,15 +244,15 @@ def test_logged_flops_and_early_size_estimate(twin_runs, tiny_args):
 
 def test_loss_falls_on_a_small_corpus(corpus, tmp_path):
     """Without PREQUANT_EVAL the last step validates the live weights; the artifact holds their EMA."""
-    env = tiny_env(corpus, ITERATIONS=40, TRAIN_LOG_EVERY=10, TTT_ENABLED=0, PREQUANT_EVAL=0)
+    env = tiny_env(corpus, ITERATIONS=16, TRAIN_LOG_EVERY=8, TTT_ENABLED=0, PREQUANT_EVAL=0)
     run = run_script(tmp_path, env, run_id="fall")
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     losses = train_losses(run)
     assert losses[1] == pytest.approx(math.log(260), abs=0.05)
-    assert losses[40] < losses[1] - 2.0
-    assert run.value("step:40/40 val", "val_bpb") < 4.0
+    assert losses[16] < losses[1] - 2.0
+    assert run.value("step:16/16 val", "val_bpb") < 4.0
     # the exported weights are the EMA (decay 0.9) of the trained ones: as good, and not the live weights
-    live = run.value("step:40/40 val", "val_bpb")
+    live = run.value("step:16/16 val", "val_bpb")
     averaged = run.value("final_int6_lzma_roundtrip_exact", "val_bpb")  # no int6 tensor at this size: fp16 only
     assert averaged < 4.0 and abs(averaged - live) > 1e-3, (live, averaged)
 
@@ -290,26 +290,6 @@ def test_warmup_priming_restores_weights_optimizer_and_data(quiet_runs):
     assert train_losses(primed) == train_losses(cold)
 
 
-def test_wallclock_cap_stops_early_and_logs_it(corpus, tmp_path):
-    env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
-                   QUANT="rtn", WARMDOWN_ITERS=100_000, WARMDOWN_FRAC="auto", LATE_QAT_THRESHOLD=0.15)
-    run = run_script(tmp_path, env, run_id="cap")
-    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
-    stop = run.lines("stopping_early: wallclock_cap")
-    assert len(stop) == 1
-    stopped_at = int(stop[0].split("step:")[1].split("/")[0])
-    assert 0 < stopped_at < 100_000
-    train_ms = float(stop[0].split("train_time:")[1].split("ms")[0])
-    step_ms = train_ms / stopped_at
-    # training stops while one more step would still end inside the cap: at most the cap (a step of slack for
-    # a step slower than the average), and no earlier than two steps and 0.5 s of scheduling slack before it
-    assert 3000 - 2 * step_ms - 500 <= train_ms <= 3000 + step_ms, (train_ms, step_ms)
-    info = json.loads((run.cwd / "logs" / "cap.submission.json").read_text())
-    assert info["step_stop"] == stopped_at and info["wallclock_seconds"] == pytest.approx(train_ms / 1000, abs=0.05)
-    assert run.lines("late_qat: on at step:"), "a warmdown longer than the run starts QAT at once"
-    assert run.lines("final_prequant_exact") and not run.lines(f"step:{stopped_at}/100000 val_loss:")
-
-
 @pytest.mark.parametrize("cap, steps", [(1.05, 10), (1.25, 12)])
 def test_training_stops_after_the_last_step_that_ends_inside_the_cap(tiny_args, cpu_runtime, monkeypatch, cap, steps):
     """Virtual clock: every step costs exactly 0.1 s. Under a cap of 1.05 s, 10 steps end at 1.0 s and an 11th would
@@ -343,18 +323,25 @@ def test_the_shared_clock_is_the_slowest_rank_s(cpu_runtime, monkeypatch):
 
 
 def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
-    """The cap decision and the LR schedule use one clock (the slowest rank's): a rank stopping alone would
-    leave the other waiting in a collective, so a clean exit with one stop line is the check."""
+    """A real 3 s cap on two processes (the step count is pinned on a virtual clock above). The cap decision and the
+    LR schedule use one clock (the slowest rank's): a rank stopping alone would leave the other waiting in a
+    collective, so a clean exit with one stop line is the check; the run ends inside the cap, no more than two steps
+    (+0.5 s) before it, and a warmdown longer than the run turns late QAT on at once."""
     env = tiny_env(corpus, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=1000, TTT_ENABLED=0,
                    QUANT="rtn", WARMDOWN_ITERS=100_000, WARMDOWN_FRAC="auto", LATE_QAT_THRESHOLD=0.15)
     run = run_script(tmp_path, env, nproc=2, run_id="cap2", timeout=240)
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     stop = run.lines("stopping_early: wallclock_cap")
     assert len(stop) == 1
+    stopped_at = int(stop[0].split("step:")[1].split("/")[0])
     train_ms = float(stop[0].split("train_time:")[1].split("ms")[0])
-    step_ms = train_ms / int(stop[0].split("step:")[1].split("/")[0])
+    step_ms = train_ms / stopped_at
     assert 3000 - 2 * step_ms - 500 <= train_ms <= 3000 + step_ms, (train_ms, step_ms)
-    assert len(run.lines("late_qat: on at step:")) == 1
+    qat = run.lines("late_qat: on at step:")
+    assert len(qat) == 1 and int(qat[0].split("step:")[1].split()[0]) <= 1, qat  # once the first step is timed
+    info = json.loads((run.cwd / "logs" / "cap2.submission.json").read_text())
+    assert info["step_stop"] == stopped_at and info["wallclock_seconds"] == pytest.approx(train_ms / 1000, abs=0.05)
+    assert run.lines("final_prequant_exact") and not run.lines(f"step:{stopped_at}/100000 val_loss:")
     assert run.lines("final_int6_lzma_roundtrip_exact")
 
 
@@ -365,8 +352,6 @@ def test_calibration_past_the_budget_is_flagged(corpus, tmp_path):
     run = run_script(tmp_path, env, run_id="overrun")
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     assert len(run.lines("warning: training + GPTQ calibration took")) == 1
-    fine = run_script(tmp_path, dict(env, GPTQ_RESERVE_SECONDS="1.5", GPTQ_CALIB_BATCHES="1"), run_id="fits")
-    assert fine.proc.returncode == 0 and not fine.lines("warning:")
     # the default reserve is measured before the clock starts: one batch timed, scaled to the batches and padded
     auto = run_script(tmp_path, dict(env, GPTQ_RESERVE_SECONDS=""), run_id="auto")
     assert auto.proc.returncode == 0 and not auto.lines("warning:"), auto.log[-2000:]
@@ -377,14 +362,14 @@ def test_calibration_past_the_budget_is_flagged(corpus, tmp_path):
     assert train_s <= max(2.0 - reserve, 0.0) + 0.5, (train_s, reserve)
 
 
-@pytest.mark.parametrize("patch", [4, 8])
-def test_rebalanced_model_runs_end_to_end_at_4096_bytes(tmp_path, patch):
-    """TRAIN_SEQ_LEN=4095 with every compute-allocation knob on: training, the artifact, sliding windows with a
-    stride of 512 and TTT over chunks of two windows, each scoring every validation byte once; the log states the
-    decoder attention's kernel and counts the n-gram embeddings' FLOPs."""
+def test_rebalanced_model_runs_end_to_end_at_4096_bytes(tmp_path):
+    """TRAIN_SEQ_LEN=4095 with every compute-allocation knob on, at the default patch of 8 (the tiny runs use 4):
+    training, the artifact, sliding windows with a stride of 512 and TTT over chunks of two windows, each scoring
+    every validation byte once; the log states the decoder attention's kernel and counts the n-gram embeddings'
+    FLOPs."""
     from conftest import write_corpus
     corpus = write_corpus(tmp_path / "corpus", train_docs=600, val_docs=120)
-    env = tiny_env(corpus, TRAIN_SEQ_LEN=4095, PATCH_SIZE=patch, TRAIN_BATCH_TOKENS=32760, VAL_BATCH_SIZE=32760,
+    env = tiny_env(corpus, TRAIN_SEQ_LEN=4095, PATCH_SIZE=8, TRAIN_BATCH_TOKENS=32760, VAL_BATCH_SIZE=32760,
                    ITERATIONS=3, VAL_SLIDING_STRIDE=512, SLIDING_EVAL=1, TTT_CHUNK_TOKENS=8192, DECODER_DIM=24,
                    DECODER_LAYERS=2, DECODER_WINDOW=64, LATENT_PER_SLOT=1, LATENT_INJECT_LAYERS=2, LATENT_NORM=1,
                    NGRAM_BUCKETS=97, SMEAR_GATE=1)
