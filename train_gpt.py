@@ -119,8 +119,8 @@ class Hyperparameters:
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
         self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))  # auto: CUDA or an error (not SMOKE)
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
-        # a rank waiting longer at a collective ends the run: above the longest honest wait (the others' while rank 0
-        # builds the artifact, ~1 min), below the 600 s budget (torch's defaults: NCCL 10 min, gloo 30)
+        # a rank waiting longer at a collective ends the run: above the longest honest wait (the others', while rank 0
+        # alone builds the artifact), half the 600 s budget (torch's defaults, NCCL 10 min and gloo 30, outlast it)
         self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
