@@ -155,15 +155,20 @@ def signal_run(cwd: Path, env: dict, marker: str, nproc: int = 1, run_id: str = 
     cmd, full = launch(cwd, env, nproc, run_id, SCRIPT)
     log = cwd / "logs" / f"{run_id}.txt"
     with open(cwd / "stdout.txt", "w+") as out, open(cwd / "stderr.txt", "w+") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=full, stdout=out, stderr=err, text=True)
-        deadline = time.monotonic() + 120
-        while not (log.exists() and re.search(rf"^{re.escape(marker)}", log.read_text(), re.M)):
-            assert proc.poll() is None and time.monotonic() < deadline, (marker, proc.poll(), err.name)
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        sent = time.monotonic()
-        proc.wait(timeout=60)
-        waited = time.monotonic() - sent
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (log.exists() and re.search(rf"^{re.escape(marker)}", log.read_text(), re.M)):
+                assert proc.poll() is None and time.monotonic() < deadline, (marker, proc.poll(), err.name)
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            sent = time.monotonic()
+            proc.wait(timeout=30)
+            waited = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:  # a run that ignored the signal: it and its workers go, not the test session
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         out.seek(0)
         err.seek(0)
         return Run(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), cwd, run_id), waited

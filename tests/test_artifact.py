@@ -564,16 +564,20 @@ def test_an_export_that_cannot_finish_leaves_no_partial_artifact(fault, tiny_arg
     assert sorted(p.name for p in tmp_path.iterdir()) == [train_gpt.ARTIFACT_NAME]
 
 
-def test_an_artifact_that_cannot_be_written_ends_the_run_with_one_line(corpus, tmp_path):
-    """Through the script: a directory where final_model.int6.ptz should go ends the run after training with one line
-    naming the path and the error, exit 6, no traceback, no temporary file and no submission."""
-    (tmp_path / train_gpt.ARTIFACT_NAME).mkdir(parents=True)
-    env = tiny_env(corpus, ITERATIONS=2, QUANT="rtn", TTT_ENABLED=0, PREQUANT_EVAL=0)
-    run = run_script(tmp_path, env, run_id="unwritable")
-    assert run.proc.returncode == 6 and run.lines("step:2/2")
+def test_an_artifact_that_cannot_be_written_ends_the_run_with_one_line(corpus, tmp_path, monkeypatch, capsys):
+    """Through main: a directory where final_model.int6.ptz should go ends the run after training with one line
+    naming the path and the error, in the log and on stderr, exit 6; no temporary file and no submission."""
+    env = tiny_env(corpus, ITERATIONS=2, QUANT="rtn", TTT_ENABLED=0, PREQUANT_EVAL=0, RUN_ID="unwritable")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / train_gpt.ARTIFACT_NAME).mkdir()
+    assert train_gpt.main() == 6
     path = (tmp_path / train_gpt.ARTIFACT_NAME).resolve()
     expected = f"error: {path}: cannot write the artifact (Is a directory); free disk space or fix the path"
-    assert one_error_line(run) == expected
+    assert capsys.readouterr().err.splitlines() == [expected]
+    log = (tmp_path / "logs" / "unwritable.txt").read_text().splitlines()
+    assert log[-1] == expected and any(line.startswith("step:2/2 train_loss:") for line in log)
     assert not leftovers(tmp_path) and not (tmp_path / "logs" / "unwritable.submission.json").exists()
 
 

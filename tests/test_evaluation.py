@@ -170,6 +170,20 @@ def test_weights_gone_non_finite_are_never_scored(tiny_args, cpu_runtime):
         train_gpt.evaluate_standard(model, tokens, tiny_args(), cpu_runtime)
 
 
+def test_a_stop_signal_ends_ttt_adaptation_before_its_next_step(tiny_args, cpu_runtime, monkeypatch):
+    """A chunk's adaptation (here 50 epochs) checks for a stop signal before every SGD step, where the ranks meet:
+    a pending SIGTERM ends it before any weight moves."""
+    args = tiny_args(TTT_EPOCHS=50, TTT_LR=0.05)
+    model = randomize(train_gpt.build_model(args))
+    params = train_gpt.ttt_parameters(model, args)
+    before = [p.detach().clone() for p in params]
+    monkeypatch.setattr(train_gpt.Stopped, "signum", signal.SIGTERM)
+    with pytest.raises(train_gpt.Stopped, match="SIGTERM") as stop:
+        train_gpt.adapt_on_chunk(model, model, torch.optim.SGD(params, lr=args.ttt_lr), params, stream(512), args,
+                                 cpu_runtime)
+    assert stop.value.exit_code == 143 and all(torch.equal(p, q) for p, q in zip(params, before))
+
+
 def test_sigterm_during_evaluation_keeps_the_artifact_for_eval_only(corpus, tmp_path):
     """SIGTERM during score-first TTT: the run stops within seconds (within one adaptation step, here of 4000 epochs a
     chunk) with one line naming the phase and the EVAL_ONLY command that finishes the job; the artifact it wrote is
