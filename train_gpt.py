@@ -846,15 +846,13 @@ class Runtime:
             except RuntimeError as e:  # gloo raises here; NCCL's watchdog ends a timed-out process itself
                 timed_out = "timed out" in str(e).lower()
                 why = f"waited past COLLECTIVE_TIMEOUT_SECONDS={self.timeout.total_seconds():g}" if timed_out else \
-                    "another rank has gone"
-                detail = str(e).split("] ")[-1].split(". ")[0]  # gloo's first sentence, without its source line
-                raise CollectiveFailed(f"rank {self.rank}: all_reduce during {self.phase} failed: {why} ({detail})",
+                    f"another rank has gone ({str(e).split('] ')[-1].split('. ')[0]})"  # gloo's first sentence
+                raise CollectiveFailed(f"rank {self.rank}: all_reduce during {self.phase} failed: {why}",
                                        None if timed_out else 1) from None
         return t
 
     def meet(self, *values: float, phase: str | None = None) -> list[float]:
-        """A point every rank reaches (now in `phase`, if given): each value's maximum over ranks, on the host (no
-        device sync), and any rank's stop signal, on which every rank raises Stopped here."""
+        """Every rank meets here (in `phase`, if given): values maxed over ranks on the host; a stop signal ends all."""
         self.phase = phase or self.phase
         both = torch.tensor([*values, float(Stopped.signum)], dtype=torch.float64)
         *values, signum = self.all_reduce(both, dist.ReduceOp.MAX, self.host_group).tolist()
@@ -1159,17 +1157,6 @@ class Trainer:
         self.model.train()
         return reserve
 
-    def read_clock(self, clock: SharedClock, elapsed_ms: float, step: int, ce: Tensor,
-                   averager: WeightAverager) -> float:
-        """The shared clock; a non-finite loss on any rank ends the training on every rank."""
-        shared_ms, ended, loss = clock.read(elapsed_ms, step, ce)
-        if not math.isfinite(loss):
-            a = self.args
-            raise Diverged(f"training diverged: train_loss {loss} at step {ended}/{a.iterations}; lower the learning "
-                           f"rates MATRIX_LR={a.matrix_lr:g} EMBED_LR={a.embed_lr:g} HEAD_LR={a.head_lr:g} SCALAR_LR="
-                           f"{a.scalar_lr:g}; {averager.after_divergence()}; nothing was exported")
-        return shared_ms
-
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
         self.model.train()
@@ -1177,11 +1164,22 @@ class Trainer:
         averager, clock = WeightAverager(self.model, args), SharedClock(rt)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
         train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False  # shared_ms: by SharedClock
+
+        def read_clock(elapsed_ms: float) -> float:
+            """The shared clock; a non-finite loss on any rank ends the training on every rank."""
+            shared_ms, ended, loss = clock.read(elapsed_ms, step, ce)
+            if not math.isfinite(loss):
+                raise Diverged(f"training diverged: train_loss {loss} at step {ended}/{args.iterations}; lower the "
+                               f"learning rates MATRIX_LR={args.matrix_lr:g} EMBED_LR={args.embed_lr:g} HEAD_LR="
+                               f"{args.head_lr:g} SCALAR_LR={args.scalar_lr:g}; {averager.after_divergence()}; "
+                               f"nothing was exported")
+            return shared_ms
+
         t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
             if last and step:  # the last step's loss too, before its weights are read (CUDA's clock read step n-1)
-                self.read_clock(clock, train_ms, step, ce, averager)
+                read_clock(train_ms)
             # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
             if (not args.prequant_eval) if last else (args.val_loss_every and step % args.val_loss_every == 0):
                 train_ms += 1000.0 * (rt.now() - t0)
@@ -1214,7 +1212,7 @@ class Trainer:
                        if self.peak_flops else "")
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
                     f"step_avg:{elapsed_ms / step:.2f}ms bytes_per_s:{bytes_per_s:.0f}{mfu}")
-            shared_ms = self.read_clock(clock, train_ms + 1000.0 * (time.perf_counter() - t0), step, ce, averager)
+            shared_ms = read_clock(train_ms + 1000.0 * (time.perf_counter() - t0))
             # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
             if cap_ms > 0 and stop_after is None and shared_ms + shared_ms / step >= cap_ms:
                 stop_after = step
@@ -1487,8 +1485,7 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
 
 
 def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameters, rt: Runtime, log) -> Path:
-    """Builds and writes the artifact (rank 0), complete or not at all; every rank returns its path or raises rank 0's
-    failure (SizeCapExceeded, Stopped, WriteFailed)."""
+    """Rank 0 builds and writes the artifact, whole or not at all; all ranks return its path or raise rank 0's error."""
     path, failure = Path(ARTIFACT_NAME), None
     if rt.master:
         try:
