@@ -22,11 +22,13 @@ import math
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,15 @@ SIZE_CAP_BYTES = 16_000_000  # the challenge's limit on code + compressed weight
 
 class ConfigError(ValueError):
     """A user mistake (environment, files, data): reported as one line, without a traceback."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on: one `error:` line in the log and on stderr, no traceback, and this exit code."""
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code or self.exit_code
 
 
 def _parse(name: str, raw: str, kind: type):
@@ -109,6 +120,9 @@ class Hyperparameters:
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
         self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))  # auto: CUDA or an error (not SMOKE)
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
+        # a rank waiting longer at a collective ends the run: above the longest honest wait (the others', while rank 0
+        # alone builds the artifact), half the 600 s budget (torch's defaults, NCCL 10 min and gloo 30, outlast it)
+        self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
         self.patch_size = knob("PATCH_SIZE", 8, lo=1)
@@ -275,13 +289,23 @@ def encode_document(text: str) -> np.ndarray:
     return np.concatenate((np.array([BOS_ID], dtype=np.uint16), body))
 
 
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """All of `data` or the file as it was, never torn: a temporary file beside it, fsynced, renamed over it."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Writes one shard atomically (concurrent writers of the same content cannot leave a torn file)."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
-    os.replace(tmp, path)
+    write_atomically(path, header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
 def read_shard_header(path: Path) -> int:
@@ -403,9 +427,8 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_shard(out_dir / "fineweb_val_000000.bin", np.concatenate(docs[:num_val_docs]))
     write_shard(out_dir / "fineweb_train_000000.bin", np.concatenate(docs[num_val_docs:]))
-    tmp = out_dir / f"tokenizer.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(PURE_BYTE_TOKENIZER, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "tokenizer.json")
+    description = json.dumps(PURE_BYTE_TOKENIZER, indent=2, sort_keys=True) + "\n"
+    write_atomically(out_dir / "tokenizer.json", description.encode())
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -778,6 +801,29 @@ def check_device(args: Hyperparameters) -> None:
                       f"small embedded run")
 
 
+class Stopped(RunError):
+    """SIGTERM or SIGINT: `note`, the handler, only records it; the run ends where the ranks next meet (Runtime.meet),
+    or at once where rank 0 works alone (`check`, in the export). Exit 128 + the signal's number."""
+    signum = 0  # the first signal received (torchrun forwards one it gets, so a rank may see it twice)
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name, 128 + signum)
+
+    @classmethod
+    def note(cls, signum: int, frame) -> None:
+        cls.signum = cls.signum or signum
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.signum:
+            raise cls(cls.signum)
+
+
+class CollectiveFailed(RunError):
+    """This rank waited past COLLECTIVE_TIMEOUT_SECONDS (exit 7: maybe the only one that knows), or a peer had gone."""
+    exit_code = 7
+
+
 class Runtime:
     """CUDA (NCCL, bf16 autocast) or CPU (gloo, float32). TF32 stays off: SIGReg's and GPTQ's matmuls must be exact."""
 
@@ -789,22 +835,40 @@ class Runtime:
         if self.cuda:
             torch.cuda.set_device(self.device)
         self.host_group = None  # host-side collectives (the training clock) that must not wait on the GPU stream
+        self.timeout = timedelta(seconds=args.collective_timeout_seconds)
+        self.phase, self.artifact = "setup", None  # where the run is, the artifact once complete: for a last line
         if self.world > 1:
-            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None)
-            self.host_group = dist.new_group(backend="gloo") if self.cuda else None  # None: the (gloo) world
+            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None,
+                                    timeout=self.timeout)
+            self.host_group = dist.new_group(backend="gloo", timeout=self.timeout) if self.cuda else None  # None: world
         self.compile = args.use_compile and self.cuda
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
 
-    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, group=None) -> Tensor:
         if self.world > 1:
-            dist.all_reduce(t, op=op)
+            try:
+                dist.all_reduce(t, op=op, group=group)
+            except RuntimeError as e:  # gloo raises here; NCCL's watchdog ends a timed-out process itself
+                timed_out = "timed out" in str(e).lower()
+                why = f"waited past COLLECTIVE_TIMEOUT_SECONDS={self.timeout.total_seconds():g}" if timed_out else \
+                    f"another rank has gone ({str(e).split('] ')[-1].split('. ')[0]})"  # gloo's first sentence
+                raise CollectiveFailed(f"rank {self.rank}: all_reduce during {self.phase} failed: {why}",
+                                       None if timed_out else 1) from None
         return t
 
+    def meet(self, *values: float, phase: str | None = None) -> list[float]:
+        """Every rank meets here (in `phase`, if given): values maxed over ranks on the host; a stop signal ends all."""
+        self.phase = phase or self.phase
+        both = torch.tensor([*values, float(Stopped.signum)], dtype=torch.float64)
+        *values, signum = self.all_reduce(both, dist.ReduceOp.MAX, self.host_group).tolist()
+        if signum:
+            raise Stopped(int(signum))
+        return values
+
     def barrier(self):
-        if self.world > 1:
-            dist.barrier()
+        self.all_reduce(torch.zeros(1), group=self.host_group)
 
     def now(self) -> float:
         """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
@@ -945,6 +1009,18 @@ class WeightAverager:
         detail = f"decay:{self.args.ema_decay}" if self.kind == "ema" else f"snapshots:{self.snapshots}"
         return f"weight_avg:{self.kind} {detail} applied"
 
+    def after_divergence(self) -> str:
+        """Why the averaged weights of a run that diverged are not exported either."""
+        if self.kind != "ema" and not self.snapshots:
+            return "no averaged weights"
+        finite = all(bool(torch.isfinite(a).all()) for a in self.avg)
+        return f"the {self.kind.upper()} weights are {'finite, but no result either' if finite else 'non-finite too'}"
+
+
+class Diverged(RunError):
+    """A non-finite loss in training or TTT: nothing is exported, or scored, from such weights."""
+    exit_code = 5
+
 
 def set_late_qat(model: nn.Module, on: bool) -> None:
     """Fake-quantise exactly the linear weights the artifact stores as int6."""
@@ -958,21 +1034,22 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 
 
 class SharedClock:
-    """Training ms, the max over ranks (all stop after the same step), waiting for step n-1 only: no GPU drain."""
+    """Training ms, the max over ranks, waiting for step n-1 only (no GPU drain); the same host all-reduce carries the
+    loss of the step that has ended (non-finite if so on any rank) and stop signals: all ranks stop after one step."""
 
     def __init__(self, rt: Runtime):
-        self.rt, self.pending = rt, None
+        self.rt, self.pending = rt, (0, torch.zeros(()), None)  # a queued step: number, loss on the host, end event
 
-    def read(self, elapsed_ms: float) -> float:
-        if self.rt.cuda:
-            previous, self.pending = self.pending, torch.cuda.current_stream().record_event()
-            if previous is not None:
-                previous.synchronize()
-        if self.rt.world == 1:
-            return elapsed_ms
-        clock = torch.tensor([elapsed_ms], dtype=torch.float64)
-        dist.all_reduce(clock, dist.ReduceOp.MAX, group=self.rt.host_group)
-        return clock.item()
+    def read(self, elapsed_ms: float, step: int, loss: Tensor) -> tuple[float, int, float]:
+        """-> (shared ms, the last step that has ended, its loss). Raises Stopped."""
+        if self.rt.cuda:  # step n is queued: wait for step n-1's end, when its loss has landed in pinned memory
+            host = torch.empty((), pin_memory=True).copy_(loss, non_blocking=True)
+            (step, loss, ended), self.pending = self.pending, (step, host, torch.cuda.current_stream().record_event())
+            if ended is not None:
+                ended.synchronize()
+        value = loss.item()
+        shared_ms, bad = self.rt.meet(elapsed_ms, 0.0 if math.isfinite(value) else 2.0 if math.isnan(value) else 1.0)
+        return shared_ms, step, math.nan if bad == 2 else math.inf if bad else value
 
 
 class SizeEstimate:
@@ -1060,6 +1137,7 @@ class Trainer:
         weights = copy.deepcopy(self.model.state_dict())
         states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         for i in range(args.warmup_steps):
+            self.rt.meet(phase=f"training (warm-up priming, step {i + 1}/{args.warmup_steps})")
             set_late_qat(self.model, args.late_qat_threshold > 0 and 2 * i >= args.warmup_steps)
             self.step(i, 1.0)
         set_late_qat(self.model, False)
@@ -1079,8 +1157,7 @@ class Trainer:
         for _ in range(2):  # the second is timed: the first pays for warm-up
             t = self.rt.now()
             collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
-        batch_s = torch.tensor(self.rt.now() - t, device=self.rt.device)
-        batch_s = self.rt.all_reduce(batch_s, dist.ReduceOp.MAX).item()  # one reserve for every rank
+        batch_s = self.rt.meet(self.rt.now() - t)[0]  # one reserve for every rank
         reserve = 1.5 * self.args.gptq_calib_batches * batch_s + 1.0
         self.log(f"gptq_reserve: auto {reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
                  f"{self.args.gptq_calib_batches} batches x 1.5 + 1s)")
@@ -1094,9 +1171,22 @@ class Trainer:
         averager, clock = WeightAverager(self.model, args), SharedClock(rt)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
         train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False  # shared_ms: by SharedClock
+
+        def read_clock(elapsed_ms: float) -> float:
+            """The shared clock; a non-finite loss on any rank ends the training on every rank."""
+            shared_ms, ended, loss = clock.read(elapsed_ms, step, ce)
+            if not math.isfinite(loss):
+                raise Diverged(f"training diverged: train_loss {loss} at step {ended}/{args.iterations}; lower the "
+                               f"learning rates MATRIX_LR={args.matrix_lr:g} EMBED_LR={args.embed_lr:g} HEAD_LR="
+                               f"{args.head_lr:g} SCALAR_LR={args.scalar_lr:g}; {averager.after_divergence()}; "
+                               f"nothing was exported")
+            return shared_ms
+
         t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
+            if last and step:  # the last step's loss too, before its weights are read (CUDA's clock read step n-1)
+                read_clock(train_ms)
             # the final validation would repeat final_prequant's work (on the live, not the averaged weights)
             if (not args.prequant_eval) if last else (args.val_loss_every and step % args.val_loss_every == 0):
                 train_ms += 1000.0 * (rt.now() - t0)
@@ -1115,6 +1205,7 @@ class Trainer:
                 set_late_qat(self.model, True)
                 qat_on = True
                 log(f"late_qat: on at step:{step} lr_scale:{scale:.4f}")
+            rt.phase = f"training, step {step + 1}/{args.iterations}"
             ce = self.step(step, scale)
             step += 1
             averager.update(step, scale)
@@ -1128,11 +1219,10 @@ class Trainer:
                        if self.peak_flops else "")
                 log(f"step:{step}/{args.iterations} train_loss:{ce.item():.4f} train_time:{elapsed_ms:.0f}ms "
                     f"step_avg:{elapsed_ms / step:.2f}ms bytes_per_s:{bytes_per_s:.0f}{mfu}")
-            if cap_ms > 0:
-                shared_ms = clock.read(train_ms + 1000.0 * (time.perf_counter() - t0))
-                # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
-                if stop_after is None and shared_ms + shared_ms / step >= cap_ms:
-                    stop_after = step
+            shared_ms = read_clock(train_ms + 1000.0 * (time.perf_counter() - t0))
+            # stop while one more step (the one in flight on CUDA, the next on CPU) still ends inside the cap
+            if cap_ms > 0 and stop_after is None and shared_ms + shared_ms / step >= cap_ms:
+                stop_after = step
         set_late_qat(self.model, False)
         self.size_estimate.finish()
         log(averager.apply())
@@ -1150,8 +1240,15 @@ NARROWER = {16: 8, 8: 6, 6: 5, 5: 4}  # rate control's ladder for a matrix: fp16
 ARTIFACT_NAME = "final_model.int6.ptz"
 
 
-class SizeCapExceeded(RuntimeError):
+class SizeCapExceeded(RunError):
     """The artifact does not fit the challenge's cap: the run must not pass for a submission."""
+    exit_code = 3
+
+
+class WriteFailed(RunError):
+    """The artifact could not be written (a full disk, an unwritable folder, a directory in its place)."""
+    exit_code = 6
+
 
 
 def stored_as_int6(name: str, t: Tensor) -> bool:
@@ -1226,6 +1323,7 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
     model.eval()
     try:
         for _ in range(batches or args.gptq_calib_batches):
+            rt.meet()  # a stop signal ends the calibration on every rank
             with rt.autocast():
                 model.forward_logits(loader.next_batch())
     finally:
@@ -1248,6 +1346,7 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor] | None 
     """The artifact: int6 for large matrices and embeddings (GPTQ given a Hessian), fp32 controls, fp16 the rest."""
     out = {}
     for name, t in state.items():
+        Stopped.check()
         if stored_as_int6(name, t):
             out[name] = quantize_matrix(t, hessians.get(name) if hessians else None)
         elif not name.startswith(TRAINING_ONLY_PREFIXES):
@@ -1303,6 +1402,7 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
 
     report("as quantised")
     while len(blob) > budget:
+        Stopped.check()
         names = [name for name, b in bits.items() if b in NARROWER]
         if not names:
             log("rate_control: every matrix is at int4, the coarsest width, and the artifact still does not fit")
@@ -1392,18 +1492,22 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
 
 
 def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameters, rt: Runtime, log) -> Path:
-    """Builds and writes the artifact (rank 0); every rank returns its path, or raises SizeCapExceeded."""
-    path = Path(ARTIFACT_NAME)
-    fits, error = torch.ones((), device=rt.device), SizeCapExceeded(f"SIZE_CAP_BYTES={args.size_cap_bytes}: over")
+    """Rank 0 builds and writes the artifact, whole or not at all; all ranks return its path or raise rank 0's error."""
+    path, failure = Path(ARTIFACT_NAME), None
     if rt.master:
         try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(build_artifact(model.state_dict(), args, hessians, log))
-            os.replace(tmp, path)
-        except SizeCapExceeded as e:
-            fits, error = fits.zero_(), e
-    if rt.all_reduce(fits, dist.ReduceOp.MIN).item() == 0:  # every rank stops, not only the one that knows
-        raise error
+            blob = build_artifact(model.state_dict(), args, hessians, log)
+            Stopped.check()
+            write_atomically(path, blob)
+            rt.artifact = path  # for the line if a stop signal arrives now
+        except (SizeCapExceeded, Stopped) as e:
+            failure = e
+        except OSError as e:
+            failure = WriteFailed(f"{path.resolve()}: cannot write the artifact ({e.strerror or e}); free disk space "
+                                  f"or fix the path")
+    exit_code = int(rt.meet(failure.exit_code if failure else 0)[0])  # every rank stops, not only rank 0
+    if exit_code:
+        raise failure or RunError("rank 0 could not export the artifact", exit_code)
     return path
 
 
@@ -1412,8 +1516,9 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
 # -----------------------------------------------------------------------------------------------------------------
 
 
-class TargetCountMismatch(RuntimeError):
+class TargetCountMismatch(RunError):
     """An evaluation scored other targets than the split holds: its score must never be reported."""
+    exit_code = 4
 
 
 class Totals:
@@ -1477,7 +1582,11 @@ def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]]
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
         sums += torch.stack((torch.where(scored, nll, 0.0).sum(), scored.sum(),  # nll, targets, bytes among them
                              (scored & (ids >= BYTE_OFFSET)).sum()))
-    return Totals(rt.all_reduce(sums))
+    totals = Totals(rt.all_reduce(sums))
+    if not math.isfinite(totals.loss):  # weights gone non-finite (in TTT, or trained so) give no score, on any rank
+        raise Diverged(f"{rt.phase} scored a non-finite loss ({totals.loss}); no score is reported (after TTT's "
+                       f"adaptation: lower TTT_LR)")
+    return totals
 
 
 def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
@@ -1547,6 +1656,7 @@ def adapt_on_chunk(model: ByteJEPA, loss_fn, opt: torch.optim.Optimizer, params:
     model.train()
     for _ in range(args.ttt_epochs):
         for b in range(0, len(starts), args.ttt_batch_seqs):
+            rt.meet()  # a stop signal ends the adaptation on every rank
             batch = starts[b:b + args.ttt_batch_seqs]
             mine = rank_share(batch, rt)
             opt.zero_grad(set_to_none=True)
@@ -1580,6 +1690,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
+        rt.meet(phase=f"evaluation ({name}, chunk {c + 1}/{num_chunks})")
         t = rt.now()
         chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
         per_chunk.append(chunk_totals)
@@ -1590,8 +1701,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
             score_rate = sum(score_times[1:]) / max(len(score_times) - 1, 1)
             adapt_rate = sum(adapt_times[1:]) / (len(adapt_times) - 1) if len(adapt_times) > 1 else sum(adapt_times)
             projected = time.perf_counter() - eval_t0 + adapt_rate + (num_chunks - c - 1) * score_rate
-            over = torch.tensor(float(projected > args.eval_max_seconds), device=rt.device)
-            if rt.all_reduce(over, dist.ReduceOp.MAX).item() > 0:  # all ranks decide alike
+            if rt.meet(float(projected > args.eval_max_seconds))[0]:  # all ranks decide alike
                 adapting = False
                 log(f"ttt_budget_stop: adaptation stopped before chunk {c + 1}/{num_chunks}: projected finish "
                     f"{projected:.1f}s > EVAL_MAX_SECONDS={args.eval_max_seconds:.0f}s; the remaining chunks are "
@@ -1623,6 +1733,7 @@ class Logger:
         self.master, self.file = master, None
         if master:
             Path("logs").mkdir(exist_ok=True)
+            (Path("logs") / f"{run_id}.submission.json").unlink(missing_ok=True)  # a reused RUN_ID's, not this run's
             self.file = open(Path("logs") / f"{run_id}.txt", "a", encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True):
@@ -1696,6 +1807,7 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens
     model, results = load_artifact(path, args).to(rt.device), {}
     if args.roundtrip_eval:
         label = "final_int6_lzma_roundtrip"
+        rt.meet(phase=f"evaluation ({label})")
         results[label] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
         log_final(log, label, results[label], 1000.0 * (rt.now() - t0))
     for label, enabled, adapt in (("final_sliding", args.sliding_eval, False), ("final_ttt", args.ttt_enabled, True)):
@@ -1726,7 +1838,7 @@ def write_submission(args: Hyperparameters, rt: Runtime, log, results: dict, fac
         **{k: facts.get(k) for k in ("step_stop", "wallclock_seconds", "bytes_total", "bytes_model_int6_lzma",
                                      "bytes_code")})
     path = Path("logs") / f"{args.run_id}.submission.json"
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    path.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")  # strict JSON: every score is finite here
     log(f"submission: {path}")
 
 
@@ -1741,6 +1853,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     facts.update(trainer.run())
     hessians = None
     if args.quant == "gptq":
+        rt.meet(phase="export (GPTQ calibration)")
         t = rt.now()
         hessians = collect_hessians(model, trainer.loader, args, rt)
         calib_s = rt.now() - t
@@ -1750,6 +1863,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
         if 0 < args.max_wallclock_seconds < used:  # the rules count calibration as training time
             log(f"warning: training + GPTQ calibration took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
                 f"{args.max_wallclock_seconds:.0f}; raise GPTQ_RESERVE_SECONDS")
+    rt.meet(phase="export")
     t = time.perf_counter()
     path = export_artifact(model, hessians, args, rt, log)
     log(f"artifact: {path} quant:{args.quant} written in {time.perf_counter() - t:.1f}s")
@@ -1762,11 +1876,13 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
+    rt.artifact = path
     model_bytes, code_bytes = path.stat().st_size, len(Path(__file__).read_bytes())
     total = check_size(model_bytes, code_bytes, log, args.size_cap_bytes)  # past the cap, the run ends here
     facts.update(bytes_model_int6_lzma=model_bytes, bytes_code=code_bytes, bytes_total=total)
     log_peak_memory(rt, log)
     if model is not None and args.prequant_eval:
+        rt.meet(phase="evaluation (final_prequant)")
         results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
         log_final(log, "final_prequant", results["final_prequant"])
     del model
@@ -1790,16 +1906,29 @@ def main() -> int:
     try:
         run(args, rt, log)
         rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
-    except (ConfigError, SizeCapExceeded, TargetCountMismatch) as e:  # a user mistake found mid-run (2), no artifact
-        log(f"error: {e}", console=False)  # that fits the cap (3), a score over the wrong targets (4)
-        if rt.master:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 3 if isinstance(e, SizeCapExceeded) else 4
+    except (ConfigError, RunError) as e:  # a user mistake found mid-run (2), or what RunError's subclasses name
+        if isinstance(e, CollectiveFailed) and Stopped.signum:  # a peer that stopped first broke the collective
+            e = Stopped(Stopped.signum)
+        line = f"error: {stop_line(e, rt) if isinstance(e, Stopped) else e}"
+        log(line, console=False)
+        if rt.master or (isinstance(e, CollectiveFailed) and e.exit_code == CollectiveFailed.exit_code):  # timed out
+            print(line, file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ConfigError) else e.exit_code
     finally:
         log.close()
         rt.close()
     return 0
 
 
+def stop_line(e: Stopped, rt: Runtime) -> str:
+    """Where the stop signal ended the run, and what is left to do."""
+    launch = "python3" if rt.world == 1 else f"torchrun --standalone --nproc_per_node={rt.world}"
+    return f"stopped by {e} during {rt.phase}; " + (f"the artifact {rt.artifact} is complete: finish the evaluation "
+        f"with EVAL_ONLY={rt.artifact} {launch} train_gpt.py and the same knobs" if rt.artifact else
+        "no artifact was written (an earlier one is left as it was)")
+
+
 if __name__ == "__main__":
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, Stopped.note)
     sys.exit(main())

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,7 @@ SEED_RUN = dict(ITERATIONS=6, VAL_LOSS_EVERY=3)
 SEEDS = (1, 2, 3)
 
 
-SHARED_RUNS = {"seed_runs", "two_process_run", "over_cap_run"}
+SHARED_RUNS = {"seed_runs", "two_process_run", "over_cap_run", "diverged_run"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
@@ -210,15 +211,90 @@ def run_main(cwd: Path, env: dict, monkeypatch, capsys) -> MainResult:
     return MainResult(code, out, err, cwd)
 
 
-def run_script(cwd: Path, env: dict, nproc: int = 1, run_id: str = "test", timeout: int = 300) -> Run:
-    """Runs train_gpt.py in `cwd` (its logs/ and artifact land there) with one process or torchrun."""
+def launch(cwd: Path, env: dict, nproc: int, run_id: str, script: Path) -> tuple[list[str], dict]:
+    """The command line (one process or torchrun) and the environment a run of `script` in `cwd` gets."""
     cwd.mkdir(parents=True, exist_ok=True)
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full.update(env, RUN_ID=run_id, PYTHONUNBUFFERED="1")
     if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(SCRIPT)]
+        return [sys.executable, str(script)], full
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(script)], full
+
+
+def run_script(cwd: Path, env: dict, nproc: int = 1, run_id: str = "test", timeout: int = 300,
+               script: Path = SCRIPT) -> Run:
+    """Runs train_gpt.py (or a script that wraps it) in `cwd` (its logs/ and artifact land there) with one process
+    or torchrun."""
+    cmd, full = launch(cwd, env, nproc, run_id, script)
     proc = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     return Run(proc, cwd, run_id, env)
+
+
+def signal_run(cwd: Path, env: dict, marker: str, nproc: int = 1, run_id: str = "test",
+               sig: int = signal.SIGTERM) -> tuple[Run, float]:
+    """Starts train_gpt.py, sends `sig` (to torchrun with 2 processes) as soon as its log has a line starting with
+    `marker`, and waits for the exit: the run, and the seconds from the signal to the exit."""
+    cmd, full = launch(cwd, env, nproc, run_id, SCRIPT)
+    log = cwd / "logs" / f"{run_id}.txt"
+    with open(cwd / "stdout.txt", "w+") as out, open(cwd / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (log.exists() and re.search(rf"^{re.escape(marker)}", log.read_text(), re.M)):
+                assert proc.poll() is None and time.monotonic() < deadline, (marker, proc.poll(), err.name)
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            sent = time.monotonic()
+            proc.wait(timeout=30)
+            waited = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:  # a run that ignored the signal: it and its workers go, not the test session
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return Run(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), cwd, run_id,
+                   env), waited
+
+
+def leftovers(cwd: Path) -> list[str]:
+    """Temporary or JSON files of a run folder that a failed run must not leave behind (or leave malformed)."""
+    bad = [str(p) for p in cwd.rglob("*.tmp")]
+    for path in cwd.rglob("*.json"):
+        try:
+            json.loads(path.read_text(), parse_constant=lambda c: 1 / 0)  # strict: NaN, Infinity are not JSON
+        except (ValueError, ZeroDivisionError):
+            bad.append(f"{path} (not strict JSON)")
+    return bad
+
+
+def earlier_artifact(cwd: Path) -> bytes:
+    """A complete artifact from an earlier run, placed where this run would write its own; returns its bytes."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    content = train_gpt.serialize_artifact({"head.weight": torch.arange(6.0).view(2, 3)})
+    (cwd / train_gpt.ARTIFACT_NAME).write_bytes(content)
+    return content
+
+
+def one_error_line(run: Run) -> str:
+    """The single `error:` line a failed run writes, checked to be the same on stderr and at the end of its log,
+    with no traceback from train_gpt.py (torchrun's own report may follow it on stderr)."""
+    errors = [line for line in run.proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.proc.stderr[-3000:]
+    assert 'train_gpt.py", line' not in run.proc.stderr, run.proc.stderr[-3000:]
+    assert run.log.rstrip("\n").splitlines()[-1] == errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def diverged_run(corpus, tmp_path_factory) -> tuple[Run, bytes]:
+    """The issue's new user: a tiny run with every learning rate at 1e8, over an earlier complete artifact."""
+    cwd = tmp_path_factory.mktemp("diverged")
+    before = earlier_artifact(cwd)
+    (cwd / "logs").mkdir()
+    (cwd / "logs" / "diverged.submission.json").write_text("{}")  # an earlier run's, under the same RUN_ID
+    return run_script(cwd, tiny_env(corpus, **DIVERGING_LRS), run_id="diverged"), before
+
+
+DIVERGING_LRS = dict(MATRIX_LR="1e8", EMBED_LR="1e8", HEAD_LR="1e8", SCALAR_LR="1e8")

@@ -1,9 +1,14 @@
-"""Artifact: int6 quantisation (RTN, GPTQ), LZMA round trip, reloading, size accounting and the cap; late QAT;
+"""Artifact: int6 quantisation (RTN, GPTQ), LZMA round trip, reloading, size accounting and the cap; an export that
+cannot finish (a signal, a full disk, a directory in the way) leaves an earlier artifact as it was; late QAT;
 EMA/SWA weight averaging."""
+import errno
 import io
 import json
 import lzma
+import math
+import os
 import re
+import signal
 import time
 from types import SimpleNamespace
 
@@ -13,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import SCRIPT, TINY, randomize, realistic, run_main, run_script, tiny_env
+from conftest import (SCRIPT, TINY, earlier_artifact, leftovers, one_error_line, randomize, realistic, run_main,
+                      run_script, signal_run, tiny_env)
 
 # MODEL_DIM=192 makes the MLPs (384x192), the predictor's first layer and the patch projection (192x768) larger
 # than SMALL_TENSOR_MAX, so a small model has int6 tensors, fp16 tensors, fp32 control tensors and a large
@@ -592,6 +598,70 @@ def test_over_the_cap_eval_only_exits_3_before_any_evaluation(corpus, tmp_path, 
     assert_stopped_over_the_cap(run_script(tmp_path / "run", env, run_id="over"), 1000)
 
 
+@pytest.mark.parametrize("fault", ["signal", "disk full", "directory in the way"])
+def test_an_export_that_cannot_finish_leaves_no_partial_artifact(fault, tiny_args, cpu_runtime, tmp_path, monkeypatch):
+    """A stop signal that arrives while the artifact is built, a write that fails (ENOSPC at fsync), a directory
+    where the file should be: no temporary file stays, an earlier artifact keeps every byte, and the error names the
+    path and the cause (SIGTERM; the OSError's words)."""
+    monkeypatch.chdir(tmp_path)
+    model, args = train_gpt.build_model(tiny_args()), tiny_args()
+    before = earlier_artifact(tmp_path)
+    if fault == "signal":
+        serialize = train_gpt.serialize_artifact
+
+        def signalled_while_serializing(qstate):
+            monkeypatch.setattr(train_gpt.Stopped, "signum", signal.SIGTERM)
+            return serialize(qstate)
+        monkeypatch.setattr(train_gpt, "serialize_artifact", signalled_while_serializing)
+        expected, reason = train_gpt.Stopped, "SIGTERM"
+    elif fault == "disk full":
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "fsync", full)
+        expected, reason = train_gpt.WriteFailed, "No space left on device"
+    else:
+        (tmp_path / train_gpt.ARTIFACT_NAME).unlink()
+        (tmp_path / train_gpt.ARTIFACT_NAME).mkdir()
+        expected, reason = train_gpt.WriteFailed, "Is a directory"
+    with pytest.raises(expected, match=reason) as failure:
+        train_gpt.export_artifact(model, None, args, cpu_runtime, lambda msg: None)
+    if fault != "signal":
+        assert str(failure.value).startswith(f"{(tmp_path / train_gpt.ARTIFACT_NAME).resolve()}: cannot write the")
+        assert failure.value.exit_code == 6
+    if fault != "directory in the way":
+        assert (tmp_path / train_gpt.ARTIFACT_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train_gpt.ARTIFACT_NAME]
+
+
+def test_an_artifact_that_cannot_be_written_ends_the_run_with_one_line(corpus, tmp_path, monkeypatch, capsys):
+    """Through main: a directory where final_model.int6.ptz should go ends the run after training with one line
+    naming the path and the error, in the log and on stderr, exit 6; no temporary file and no submission."""
+    env = tiny_env(corpus, ITERATIONS=2, QUANT="rtn", TTT_ENABLED=0, PREQUANT_EVAL=0, RUN_ID="unwritable")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / train_gpt.ARTIFACT_NAME).mkdir()
+    assert train_gpt.main() == 6
+    path = (tmp_path / train_gpt.ARTIFACT_NAME).resolve()
+    expected = f"error: {path}: cannot write the artifact (Is a directory); free disk space or fix the path"
+    assert capsys.readouterr().err.splitlines() == [expected]
+    log = (tmp_path / "logs" / "unwritable.txt").read_text().splitlines()
+    assert log[-1] == expected and any(line.startswith("step:2/2 train_loss:") for line in log)
+    assert not leftovers(tmp_path) and not (tmp_path / "logs" / "unwritable.submission.json").exists()
+
+
+def test_sigterm_during_export_leaves_the_earlier_artifact(corpus, tmp_path):
+    """SIGTERM once training has ended (during GPTQ calibration, made long here): the run stops within seconds with
+    one line naming the export, exit 143; the earlier artifact keeps every byte."""
+    before = earlier_artifact(tmp_path)
+    env = tiny_env(corpus, ITERATIONS=2, GPTQ_CALIB_BATCHES=100_000, TTT_ENABLED=0)
+    run, waited = signal_run(tmp_path, env, "weight_avg:")
+    assert run.proc.returncode == 128 + signal.SIGTERM and waited < 10, (run.proc.returncode, waited)
+    assert one_error_line(run) == ("error: stopped by SIGTERM during export (GPTQ calibration); no artifact was "
+                                   "written (an earlier one is left as it was)")
+    assert (tmp_path / train_gpt.ARTIFACT_NAME).read_bytes() == before and not leftovers(tmp_path)
+
+
 def size_line(run, prefix: str) -> int:
     lines = run.lines(prefix)
     assert len(lines) == 1, f"expected one '{prefix}' line, found {lines}"
@@ -798,3 +868,20 @@ def test_no_average_leaves_the_live_weights(tiny_args, kind, scale):
     assert averager.apply() == f"weight_avg:{kind} applied:none (live weights exported)"
     for p, q in zip(model.parameters(), live):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa", "none"])
+def test_a_diverged_run_says_what_became_of_its_averaged_weights(tiny_args, kind):
+    """The divergence line's account of the averaged weights: finite ones are still no result (and not exported);
+    weights averaged from non-finite ones are non-finite; without averaging (or an SWA snapshot) there are none."""
+    args = tiny_args(WEIGHT_AVG=kind, SWA_EVERY=1, SWA_START_SCALE=1.0)
+    model = train_gpt.build_model(args)
+    averager = train_gpt.WeightAverager(model, args)
+    expected = "no averaged weights" if kind != "ema" else "the EMA weights are finite, but no result either"
+    assert averager.after_divergence() == expected
+    averager.update(1, 0.5)
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.nan
+    averager.update(2, 0.5)
+    expected = "no averaged weights" if kind == "none" else f"the {kind.upper()} weights are non-finite too"
+    assert averager.after_divergence() == expected

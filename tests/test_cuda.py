@@ -1,7 +1,8 @@
 """GPU checks (skipped without CUDA): the compiled bf16 forward against a float32 reference at the real head sizes,
 and a short training run of the full default model in a temporary directory, printing ms/step, MFU and peak memory
-(its log is copied to logs/)."""
+(its log is copied to logs/); a diverged run stops within two steps although the clock reads the loss a step late."""
 import json
+import math
 import shutil
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, realistic, run_script
+from conftest import DIVERGING_LRS, ROOT, one_error_line, realistic, run_script, tiny_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -89,3 +90,14 @@ def test_full_default_model_trains_in_bf16(tmp_path):
     mfu = f"{run.value('step:30/30 train_loss', 'mfu')}%" if "mfu:" in last else "unknown card"
     print(f"{torch.cuda.get_device_name()}: step_avg {run.value('step:30/30 train_loss', 'step_avg'):.1f} ms, "
           f"MFU {mfu}, peak {peak} MiB (log logs/{run_id}.txt)")
+
+
+def test_a_diverged_cuda_run_stops_within_two_steps(corpus, tmp_path):
+    """On CUDA the clock reads step n-1's loss (copied to pinned memory as that step ended) once step n is queued, so
+    no step waits for the device: the run still stops within 2 steps of the first non-finite loss, exit 5."""
+    run = run_script(tmp_path, tiny_env(corpus, DEVICE="cuda", USE_COMPILE=0, **DIVERGING_LRS), run_id="diverged")
+    line = one_error_line(run)
+    losses = {int(step_line.split("/")[0][5:]): float(step_line.split("train_loss:")[1].split()[0])
+              for step_line in run.lines("step:") if "train_loss:" in step_line}
+    first = min(step for step, loss in losses.items() if not math.isfinite(loss))
+    assert run.proc.returncode == 5 and max(losses) <= first + 2 and line.startswith("error: training diverged: ")

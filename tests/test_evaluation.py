@@ -1,7 +1,8 @@
 """Evaluation: exact BPB accounting, window plans, sliding evaluation, score-first TTT (legality, lr-0
-equivalence, the time budget), 1 vs 2 processes (see test_training's twin runs)."""
+equivalence, the time budget, a non-finite loss), 1 vs 2 processes (see test_training's twin runs), a stop signal."""
 import math
 import re
+import signal
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import VirtualClock, randomize, run_script, tiny_env
+from conftest import VirtualClock, leftovers, one_error_line, randomize, run_script, signal_run, tiny_env
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -149,6 +150,53 @@ def test_time_budget_lets_adaptation_run_while_it_fits(tiny_args, cpu_runtime):
     score_first(tiny_args(TTT_LR=0.05, EVAL_MAX_SECONDS=3600), cpu_runtime, stream(1100, seed=1), log=lines.append)
     assert not [line for line in lines if "budget_stop" in line]
     assert "adapted_chunks:4" in [line for line in lines if line.startswith("ttt_chunk:5/5")][0]
+
+
+def test_weights_gone_non_finite_are_never_scored(tiny_args, cpu_runtime):
+    """An adaptation step that makes the weights non-finite (TTT_LR=1e30) stops the evaluation at the next chunk's
+    scoring with a line naming the chunk, the value and TTT_LR, on every rank alike (the sums are all-reduced); a
+    standard evaluation of non-finite weights stops the same way. No score of such weights is ever logged."""
+    lines, tokens = [], stream(1100, seed=1)
+    with pytest.raises(train_gpt.Diverged) as stop:
+        score_first(tiny_args(TTT_LR=1e30, TTT_GRAD_CLIP=0), cpu_runtime, tokens, log=lines.append)
+    assert re.fullmatch(r"evaluation \(ttt, chunk 2/5\) scored a non-finite loss \((nan|inf)\); no score is reported "
+                        r"\(after TTT's adaptation: lower TTT_LR\)", str(stop.value)) and stop.value.exit_code == 5
+    assert [line[:23] for line in lines] == ["ttt_chunk:1/5 running_b"]  # chunk 1, scored before any adaptation
+    model = train_gpt.build_model(tiny_args())
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.nan
+    with pytest.raises(train_gpt.Diverged, match=r"scored a non-finite loss \(nan\)"):
+        train_gpt.evaluate_standard(model, tokens, tiny_args(), cpu_runtime)
+
+
+def test_a_stop_signal_ends_ttt_adaptation_before_its_next_step(tiny_args, cpu_runtime, monkeypatch):
+    """A chunk's adaptation (here 50 epochs) checks for a stop signal before every SGD step, where the ranks meet:
+    a pending SIGTERM ends it before any weight moves."""
+    args = tiny_args(TTT_EPOCHS=50, TTT_LR=0.05)
+    model = randomize(train_gpt.build_model(args))
+    params = train_gpt.ttt_parameters(model, args)
+    before = [p.detach().clone() for p in params]
+    monkeypatch.setattr(train_gpt.Stopped, "signum", signal.SIGTERM)
+    with pytest.raises(train_gpt.Stopped, match="SIGTERM") as stop:
+        train_gpt.adapt_on_chunk(model, model, torch.optim.SGD(params, lr=args.ttt_lr), params, stream(512), args,
+                                 cpu_runtime)
+    assert stop.value.exit_code == 143 and all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_sigterm_during_evaluation_keeps_the_artifact_for_eval_only(corpus, tmp_path):
+    """SIGTERM during score-first TTT: the run stops within seconds (within one adaptation step, here of 4000 epochs a
+    chunk) with one line naming the phase and the EVAL_ONLY command that finishes the job; the artifact it wrote is
+    complete; no submission."""
+    env = tiny_env(corpus, ITERATIONS=2, QUANT="rtn", PREQUANT_EVAL=0, ROUNDTRIP_EVAL=0, TTT_EPOCHS=4000)
+    run, waited = signal_run(tmp_path, env, "Total submission size")  # the artifact is on disk; TTT comes next
+    assert run.proc.returncode == 128 + signal.SIGTERM and waited < 10, (run.proc.returncode, waited)
+    assert re.fullmatch(r"error: stopped by SIGTERM during evaluation \(ttt, chunk [1-9]/9\); the artifact "
+                        r"final_model\.int6\.ptz is complete: finish the evaluation with EVAL_ONLY=final_model\.int6"
+                        r"\.ptz python3 train_gpt\.py and the same knobs", one_error_line(run))
+    artifact = tmp_path / train_gpt.ARTIFACT_NAME
+    assert artifact.stat().st_size == int(re.search(r"^Serialized model int6\+lzma: (\d+) bytes", run.log, re.M)[1])
+    assert train_gpt.read_artifact(artifact) and not leftovers(tmp_path)
+    assert not run.lines("final_ttt") and not (tmp_path / "logs" / "test.submission.json").exists()
 
 
 def test_ttt_leaves_frozen_blocks_and_the_projector_alone(tiny_args):

@@ -46,7 +46,7 @@ REFERENCE_DEFAULTS = dict(
     ttt_enabled=True, ttt_lr=0.002, ttt_epochs=2, ttt_chunk_tokens=32_768, ttt_momentum=0.9, ttt_batch_seqs=32,
     ttt_grad_clip=1.0, val_sliding_stride=256,
     ce_weight=3.0, sigreg_weight=0.02,
-    world_size=1, smoke=False, eval_only="",
+    world_size=1, smoke=False, eval_only="", collective_timeout_seconds=300.0,
     # moved from the reference's values by measurement (README: compute allocation, training recipe); REFERENCE in
     # conftest
     decoder_dim=480, decoder_window=128, latent_per_slot=True, latent_inject_layers=2, latent_norm=True,

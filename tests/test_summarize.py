@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SEED_RUN, SEEDS, run_script, tiny_env
+from conftest import ROOT, SEEDS
 
 sys.path.insert(0, str(ROOT / "tools"))
 import summarize  # noqa: E402
@@ -317,6 +317,36 @@ def test_flags_reach_the_submission_compliance(seed_logs, tmp_path):
     assert info["compliance"]["artifact_under_16mb"] is False and info["compliance"]["three_seeds"] is False
     assert info["seeds"] == [1, 3] and info["seed_results"]["2"]["flags"]
     assert info["significance"] is None and info["bytes_total"] == 16000001
+
+
+def test_diverged_and_stopped_runs_are_flagged_left_out_and_written_as_strict_json(seed_logs, diverged_run, tmp_path):
+    """A real diverged log (its own configuration: the learning rates differ), a log of the kind the issue found (nan
+    losses, then NaN scores), and a run stopped by SIGTERM: each is flagged and no mean includes it; submission.json
+    writes the NaN scores as null with the reason beside them, and strict parsers read it."""
+    logs = copy_logs(seed_logs, tmp_path / "logs")
+    edit(logs / "tiny_s2.txt", r"^(step:[4-6]/6 train_loss:)\S+", r"\1nan")
+    edit(logs / "tiny_s2.txt", r"^(final_\w+_exact) val_loss:\S+ val_bpb:\S+$", r"\1 val_loss:nan val_bpb:nan")
+    text = (seed_logs / "tiny_s3.txt").read_text()
+    stop = "error: stopped by SIGTERM during evaluation (final_prequant); the artifact final_model.int6.ptz is complete"
+    (logs / "tiny_s3.txt").write_text(text[:text.index("\nfinal_prequant val_loss")] + f"\n{stop}\n")
+    shutil.copy(diverged_run[0].cwd / "logs" / "diverged.txt", logs)
+    out = cli(logs)
+    assert out.returncode == 0, out.stderr
+    row = row_of(out.stdout, "tiny_s2")
+    assert "FLAGGED: non-finite train_loss from step 4; non-finite final_prequant score" in row
+    assert "FLAGGED: error: stopped by SIGTERM during evaluation" in row_of(out.stdout, "tiny_s3")
+    assert re.search(r"FLAGGED: error: training diverged: train_loss nan at step \d+/12; .*; non-finite train_loss "
+                     r"from step \d+; no final_ttt_exact line", row_of(out.stdout, "diverged"))
+    only = exact(logs / "tiny_s1.txt", "final_ttt")
+    assert "seeds averaged: 1 of 3 (tiny_s1)" in out.stdout and "seeds averaged: 0 of 1 (-)" in out.stdout
+    assert f"val_bpb: mean {only[1]:.8f}  std -" in out.stdout and f"val_loss: mean {only[0]:.8f}  std -" in out.stdout
+    (logs / "diverged.txt").unlink()  # --write-submission takes one configuration
+    assert cli(logs, "--write-submission", tmp_path / "sub").returncode == 0
+    info = json.loads((tmp_path / "sub" / "submission.json").read_text(), parse_constant=lambda c: 1 / 0)
+    diverged = info["seed_results"]["2"]
+    assert diverged["val_bpb"] is None and diverged["val_bpb_null_reason"] == "the log holds nan: the run diverged"
+    assert diverged["pre_quant_val_bpb"] is None and diverged["flags"][0] == "non-finite train_loss from step 4"
+    assert info["val_bpb"] == only[1] and info["seeds"] == [1]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "truncated", "source only", "binary"])

@@ -1,8 +1,10 @@
 """Training: schedule, Muon, and end-to-end runs (loss falls, 1 vs 2 processes, validation and priming
-leave training unharmed, the wallclock cap)."""
+leave training unharmed, the wallclock cap; a diverged, a stopped and a stalled run end at once, with one line)."""
 import json
 import math
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import train_gpt
-from conftest import REFERENCE, REFERENCE_RECIPE, VirtualClock, randomize, run_script, tiny_env
+from conftest import (DIVERGING_LRS, REFERENCE, REFERENCE_RECIPE, ROOT, VirtualClock, earlier_artifact, leftovers,
+                      one_error_line, randomize, run_script, signal_run, tiny_env)
 
 
 def train_losses(run) -> dict[int, float]:
@@ -309,17 +312,28 @@ def test_training_stops_after_the_last_step_that_ends_inside_the_cap(tiny_args, 
     assert f"stopping_early: wallclock_cap train_time:{steps * 100}ms step:{steps}/100000" in lines
 
 
-def test_the_shared_clock_is_the_slowest_rank_s(cpu_runtime, monkeypatch):
+def test_the_shared_clock_is_the_slowest_rank_s_and_carries_any_rank_s_nan_or_stop(cpu_runtime, monkeypatch):
     """On several ranks each reads the slowest rank's training time, so the cap holds for every rank and all stop
-    after the same step: the all-reduce must take the maximum (here another rank at 500 ms, this one at 100 ms)."""
-    def all_reduce(t, op, group=None):  # this rank's value and the other rank's, reduced as `op` says
-        pick = max if op == dist.ReduceOp.MAX else min if op == dist.ReduceOp.MIN else sum
-        t.fill_(pick([t.item(), 500.0]))
+    after the same step: the all-reduce must take the maximum (here another rank at 500 ms, this one at 100 ms).
+    A loss gone non-finite, or a stop signal, on the other rank alone reaches this one at the same step."""
+    other = {"ms": 500.0, "bad": 0.0, "signum": 0.0}  # the other rank: its clock, its loss's state, a signal
+
+    def all_reduce(t, op=dist.ReduceOp.SUM, group=None):  # this rank's values and the other rank's, reduced by `op`
+        theirs = torch.tensor([other["ms"], other["bad"], other["signum"]], dtype=t.dtype)
+        t.copy_(torch.maximum(t, theirs) if op == dist.ReduceOp.MAX else torch.minimum(t, theirs)
+                if op == dist.ReduceOp.MIN else t + theirs)
 
     monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
     cpu_runtime.world = 2
     clock = train_gpt.SharedClock(cpu_runtime)
-    assert clock.read(100.0) == 500.0 and clock.read(700.0) == 700.0
+    assert clock.read(100.0, 1, torch.tensor(2.5)) == (500.0, 1, 2.5)
+    assert clock.read(700.0, 2, torch.tensor(2.25)) == (700.0, 2, 2.25)
+    other["bad"] = 2.0  # nan on the other rank only
+    ms, step, loss = clock.read(800.0, 3, torch.tensor(2.0))
+    assert (ms, step) == (800.0, 3) and math.isnan(loss)
+    other.update(bad=0.0, signum=float(signal.SIGTERM))
+    with pytest.raises(train_gpt.Stopped):
+        clock.read(900.0, 4, torch.tensor(2.0))
 
 
 def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
@@ -405,3 +419,81 @@ def test_knobs_off_reproduce_the_earlier_training(corpus, tmp_path, before):
     assert train_losses(run) == dict(enumerate(losses, start=1))
     assert run.value("final_prequant_exact", "val_bpb") == pytest.approx(prequant, abs=2e-4)
     assert run.value("final_int6_lzma_roundtrip_exact", "val_bpb") == pytest.approx(roundtrip, abs=2e-4)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_diverged_run_stops_within_two_steps_and_exports_nothing(diverged_run, corpus, tmp_path, nproc):
+    """Every learning rate at 1e8 (the issue's case: the loss was nan from step 4 on, yet the run trained to the end
+    and wrote "val_bpb": NaN): the run stops within 2 steps of the first non-finite loss, every rank at the same step,
+    with one line naming the step, the value and the learning rates; exit 5, no artifact replaced, no submission."""
+    if nproc == 1:
+        run, before = diverged_run
+    else:
+        before = earlier_artifact(tmp_path)
+        run = run_script(tmp_path, tiny_env(corpus, **DIVERGING_LRS), nproc=2, run_id="diverged", timeout=120)
+    line = one_error_line(run)
+    losses = train_losses(run)
+    first = min(step for step, loss in losses.items() if not math.isfinite(loss))
+    assert losses[1] == pytest.approx(math.log(260), abs=0.05) and max(losses) <= first + 2 < 12, losses
+    named = int(re.search(r"^error: training diverged: train_loss (?:nan|inf) at step (\d+)/12; ", line).group(1))
+    assert first <= named <= max(losses), (first, named, losses)
+    assert "lower the learning rates MATRIX_LR=1e+08 EMBED_LR=1e+08 HEAD_LR=1e+08 SCALAR_LR=1e+08" in line
+    assert "; the EMA weights are " in line and line.endswith("; nothing was exported")
+    if nproc == 1:
+        assert run.proc.returncode == 5
+    else:  # torchrun exits 1 and lists the ranks that ended before it stopped the others: status 5, each
+        assert run.proc.returncode != 0 and set(re.findall(r"^ *exitcode *: (\d+)", run.proc.stderr, re.M)) == {"5"}
+    assert (run.cwd / train_gpt.ARTIFACT_NAME).read_bytes() == before and not leftovers(run.cwd)
+    assert not (run.cwd / "logs" / "diverged.submission.json").exists()
+    assert not run.lines("final_") and not run.lines("Serialized model")
+
+
+def test_sigterm_during_training_stops_the_run_within_seconds(corpus, tmp_path):
+    """SIGTERM between steps: the step ends, the run stops with one line naming the phase and step, exit 143."""
+    before = earlier_artifact(tmp_path)
+    run, waited = signal_run(tmp_path, tiny_env(corpus, ITERATIONS=100_000), "step:2/")
+    line = one_error_line(run)
+    assert run.proc.returncode == 128 + signal.SIGTERM and waited < 10, (run.proc.returncode, waited)
+    step = int(re.fullmatch(r"error: stopped by SIGTERM during training, step (\d+)/100000; no artifact was written "
+                            r"\(an earlier one is left as it was\)", line).group(1))
+    assert step == max(train_losses(run)) >= 2
+    assert (tmp_path / train_gpt.ARTIFACT_NAME).read_bytes() == before and not leftovers(tmp_path)
+
+
+STALL = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import train_gpt
+
+step = train_gpt.Trainer.step
+
+
+def stalled_step(self, i, scale):  # rank 1 stalls before its third step; rank 0 waits for it in a collective
+    if i == 2 and self.rt.rank == 1:
+        time.sleep({seconds})
+    return step(self, i, scale)
+
+
+train_gpt.Trainer.step = stalled_step
+for stop in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(stop, train_gpt.Stopped.note)
+sys.exit(train_gpt.main())
+"""
+
+
+def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(corpus, tmp_path):
+    """A rank that stalls inside the training loop: the other waits COLLECTIVE_TIMEOUT_SECONDS in its all-reduce,
+    then ends the run with one line naming the collective, the phase and the step (exit 7), within the timeout plus
+    torchrun's teardown, not after torch's 30-minute gloo default."""
+    wrapper = tmp_path / "stall.py"
+    wrapper.write_text(STALL.format(root=str(ROOT), seconds=4))
+    t = time.monotonic()
+    run = run_script(tmp_path / "run", tiny_env(corpus, COLLECTIVE_TIMEOUT_SECONDS=3), nproc=2, run_id="stall",
+                     timeout=120, script=wrapper)
+    elapsed = time.monotonic() - t
+    line = one_error_line(run)
+    assert line == ("error: rank 0: all_reduce during training, step 3/12 failed: waited past "
+                    "COLLECTIVE_TIMEOUT_SECONDS=3")
+    assert run.proc.returncode != 0 and re.search(r"exitcode\s*: 7 ", run.proc.stderr), run.proc.stderr[-2000:]
+    assert elapsed < 3 + 30 + 20, elapsed  # the timeout, torchrun's 30 s grace for a rank it stops, start-up
+    assert max(train_losses(run)) == 2 and not leftovers(run.cwd)

@@ -9,8 +9,10 @@ ones); a value no log holds is printed as `-` and written as null. Unknown lines
 Rules this tool applies (documented here because reviewers depend on them):
 - Configuration: runs whose `hparam` lines differ in any knob except those in NOT_CONFIGURATION are grouped apart.
 - Flags: a run over the decimal 16,000,000-byte cap (or its own logged cap), over 600 s of training (step time plus
-  GPTQ calibration) or 600 s of evaluation, with a target-count mismatch, an `error:` line, or without the final
-  line its knobs promise (final_ttt when TTT_ENABLED) is flagged and left out of every mean.
+  GPTQ calibration) or 600 s of evaluation, with a target-count mismatch, an `error:` line (a run that diverged, was
+  stopped by a signal, or failed otherwise ends on one), a non-finite train loss or score, or without the final line
+  its knobs promise (final_ttt when TTT_ENABLED) is flagged and left out of every mean.
+- JSON is strict: a value the logs hold as nan or inf is written as null, with `<key>_null_reason` beside it.
 - Missing seeds: a group is warned about when it averages fewer than 3 seeds, when a flagged run was left out,
   when two runs share a seed, when its run ids end in numbers with a gap of at most MAX_SEED_GAP (rec_s1, rec_s3:
   rec_s2 missing), and when a log of the same configuration lies beside the given ones but was not given.
@@ -68,6 +70,7 @@ class Run:
     mismatches: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     train_curve: list = field(default_factory=list)  # (train ms, train loss)
+    nonfinite_loss_step: int | None = None  # the first step whose train loss is nan or inf
     val_curve: list = field(default_factory=list)  # (train ms, val bpb)
     ttt_curve: list = field(default_factory=list)  # (chunk, running bpb)
     runs_in_file: int = 1
@@ -197,6 +200,8 @@ def apply_step_line(run: Run, step: int, line: str) -> None:
     run.step_avg_ms = f.get("step_avg", run.step_avg_ms)
     if "train_loss" in f:
         run.train_curve.append((f["train_time"], f["train_loss"]))
+        if not math.isfinite(f["train_loss"]) and run.nonfinite_loss_step is None:
+            run.nonfinite_loss_step = step
     if "val_bpb" in f:
         run.val_curve.append((f["train_time"], f["val_bpb"]))
 
@@ -231,6 +236,10 @@ def flags_of(run: Run) -> list[str]:
         flags.append(f"evaluation {run.eval_ms / 1000.0:.1f}s > {EVAL_BUDGET_S:.0f}s")
     flags += [f"target-count mismatch: {line}" for line in run.mismatches]
     flags += [f"error: {e}" for e in run.errors]
+    if run.nonfinite_loss_step is not None:
+        flags.append(f"non-finite train_loss from step {run.nonfinite_loss_step}")
+    flags += [f"non-finite {label} score" for label, (loss, bpb) in run.exact.items()
+              if not (math.isfinite(float(loss)) and math.isfinite(float(bpb)))]
     if run.final is None:
         flags.append(f"no {run.final_label}_exact line" if run.final_label != "roundtrip"
                      else "no final_*_roundtrip_exact line")
@@ -603,10 +612,26 @@ def readme(info: dict, summary: Summary) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """`value` without NaN or Infinity, which strict JSON parsers reject: such a number becomes null, and in a dict a
+    `<key>_null_reason` beside it says what the log held."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k] = strict_json(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_null_reason"] = f"the log holds {v}: the run diverged"
+        return out
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_submission(folder: Path, summary: Summary, test: dict | None, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     info = submission(summary, test, meta)
-    (folder / "submission.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json(info), indent=2, allow_nan=False)
+    (folder / "submission.json").write_text(text + "\n", encoding="utf-8")
     (folder / "README.md").write_text(readme(info, summary), encoding="utf-8")
     for r in summary.runs:
         if r.path.resolve() != (folder / r.path.name).resolve():
