@@ -1320,9 +1320,8 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
 
 
 def read_artifact(path: str | Path, where: str | None = None) -> dict:
-    """The artifact's quantised dict, checked against the format (README); a bad file is a one-line ConfigError that
-    begins with `where` (default: the EVAL_ONLY knob that named the file)."""
-    where = where or f"EVAL_ONLY={path}"
+    """The artifact's quantised dict, checked against the format (README); a bad file is a one-line ConfigError."""
+    where = where or f"EVAL_ONLY={path}"  # what named the file, for the message
     try:
         data = Path(path).read_bytes()
         raw = lzma.decompress(data)
@@ -1421,10 +1420,6 @@ class Totals:
         self.breakdown = (torch.zeros(len(self.labels), 3, dtype=torch.float64) if breakdown is None
                           else breakdown.detach().cpu().double())
 
-    def add(self, other: Totals) -> None:
-        self.values += other.values
-        self.breakdown += other.breakdown
-
     @property
     def loss(self) -> float:
         return self.values[0].item() / max(self.values[1].item(), 1.0)
@@ -1494,11 +1489,11 @@ class Breakdown:
         self.doc_starts = np.union1d(0, np.flatnonzero(tokens == BOS_ID))  # the stream's start counts as one
         doc_lows = [0] + [1 << k for k in range(17)]  # 0 (the BOS itself), 1, 2-3, ..., 65536+
         context_lows = [1] + [1 << k for k in range(1, args.window.bit_length()) if 1 << k < args.window]
-        for name, buckets in (("slot", range(args.patch_size)), ("class", BYTE_CLASSES),
-                              ("doc_pos", range_labels(doc_lows, None)),
-                              ("context", range_labels(context_lows, args.window))):
-            self.rows.append(slice(len(self.labels), len(self.labels) + len(buckets)))
-            self.labels += [f"{name}:{b}" for b in buckets]
+        groupings = {"slot": range(args.patch_size), "class": BYTE_CLASSES, "doc_pos": range_labels(doc_lows, None),
+                     "context": range_labels(context_lows, args.window)}
+        ends = np.cumsum([len(buckets) for buckets in groupings.values()]).tolist()
+        self.rows = [slice(end - len(buckets), end) for end, buckets in zip(ends, groupings.values())]
+        self.labels = [f"{name}:{b}" for name, buckets in groupings.items() for b in buckets]
         self.pos = torch.arange(args.window, device=device)
         self.slot = self.pos % args.patch_size
         self.context = torch.bucketize(self.pos, torch.tensor(context_lows[1:], device=device), right=True)
@@ -1651,7 +1646,8 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
         chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt,
                                    breakdown)
         per_chunk.append(chunk_totals)
-        totals.add(chunk_totals)
+        totals.values += chunk_totals.values
+        totals.breakdown += chunk_totals.breakdown
         score_times.append(time.perf_counter() - t)  # Totals are on the host: the scoring has finished
         if adapting and c < num_chunks - 1:
             # rates leave out the first scoring and the first adaptation, which include compilation
@@ -1753,11 +1749,10 @@ def log_peak_memory(rt: Runtime, log) -> None:
 def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
     """The breakdown's buckets that scored any target (exact sums, bpb, share of all bits), then the score."""
     for name, (nats, count, nbytes) in zip(totals.labels, totals.breakdown.tolist()):
-        if not count:  # e.g. positions past the longest document
-            continue
-        bpb = f"{nats / math.log(2) / nbytes:.6f}" if nbytes else "-"  # BOS is charged but counts no byte
-        log(f"{label}_breakdown {name} nats:{nats!r} targets:{count:.0f} bytes:{nbytes:.0f} bpb:{bpb} "
-            f"share:{nats / max(totals.values[0].item(), 1e-300):.6f}")
+        if count:  # buckets that scored nothing (say, positions past the longest document) are left out
+            bpb = f"{nats / math.log(2) / nbytes:.6f}" if nbytes else "-"  # BOS is charged but counts no byte
+            log(f"{label}_breakdown {name} nats:{nats!r} targets:{count:.0f} bytes:{nbytes:.0f} bpb:{bpb} "
+                f"share:{nats / max(totals.values[0].item(), 1e-300):.6f}")
     timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
     log(f"{label} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f}{timing}")
     log(f"{label}_exact val_loss:{totals.loss:.8f} val_bpb:{totals.bpb:.8f}")

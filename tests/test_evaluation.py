@@ -122,6 +122,17 @@ def test_breakdown_adds_up_to_the_headline_sums(tiny_args, cpu_runtime, adapt):
     assert_breakdown_adds_up(*logged_breakdown(lines, "final_x"))
 
 
+def test_eval_breakdown_off_scores_the_same_and_logs_no_buckets(tiny_args, cpu_runtime):
+    model = randomize(train_gpt.build_model(tiny_args())).eval()
+    tokens = stream(1100, seed=1)
+    on, off = (train_gpt.evaluate_standard(model, tokens, tiny_args(EVAL_BREAKDOWN=knob), cpu_runtime)
+               for knob in (1, 0))
+    assert torch.equal(on.values, off.values) and on.labels and not off.labels
+    lines = []
+    train_gpt.log_final(lines.append, "final_x", off)
+    assert [line.split()[0] for line in lines] == ["final_x", "final_x_exact", "final_x_sums"]
+
+
 def direct_sliding_nll(model, tokens: np.ndarray, window: int, stride: int) -> tuple[float, int]:
     """Each target t scored alone, in the window the stride rule gives it: the window ends at the end of t's
     scored range; the first range is 1..window-1, later ranges are `stride` long."""
