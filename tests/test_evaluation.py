@@ -1,8 +1,10 @@
 """Evaluation: exact BPB accounting, window plans, sliding evaluation, score-first TTT (legality, lr-0
 equivalence, the time budget), 1 vs 2 processes (see test_training's twin runs)."""
 import math
+import os
 import re
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import assert_breakdown_adds_up, logged_breakdown, randomize, run_script, tiny_env
+from conftest import ROOT, assert_breakdown_adds_up, logged_breakdown, randomize, run_script, tiny_env
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -131,6 +133,19 @@ def test_eval_breakdown_off_scores_the_same_and_logs_no_buckets(tiny_args, cpu_r
     lines = []
     train_gpt.log_final(lines.append, "final_x", off)
     assert [line.split()[0] for line in lines] == ["final_x", "final_x_exact", "final_x_sums"]
+
+
+def test_breakdown_cost_tool_times_both_evaluations_and_restores_the_breakdown(tiny_args, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import breakdown_cost
+    tiny_args()  # the tiny knobs, in the environment the tool reads
+    add = train_gpt.Breakdown.add
+    lines = breakdown_cost.measure(tokens=600, repeats=1)
+    assert lines[0].startswith("breakdown_cost: device cpu") and "targets 599 repeats 1" in lines[0]
+    for line, name in zip(lines[1:], ("standard", "sliding")):
+        assert re.fullmatch(rf"breakdown_cost {name}: on \S+s off \S+s difference \S+% inside \S+%", line), line
+        assert 0 < float(line.split("inside ")[1][:-1]) < 100, line
+    assert train_gpt.Breakdown.add is add and "EVAL_BREAKDOWN" not in os.environ
 
 
 def direct_sliding_nll(model, tokens: np.ndarray, window: int, stride: int) -> tuple[float, int]:
