@@ -213,6 +213,7 @@ class Hyperparameters:
         self.ttt_grad_clip = knob("TTT_GRAD_CLIP", 1.0, lo=0.0)  # 0 = no clipping
         self.ttt_freeze_blocks = knob("TTT_FREEZE_BLOCKS", 0, lo=0)  # leading encoder blocks kept fixed in TTT
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
+        self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
         # 600 s allowed; 40 s kept back for process start, NCCL init and artifact decoding (before the clock we
         # can see) and for the error of the finishing-time projection (~5% of the scoring time).
         self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)
@@ -1425,9 +1426,9 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
     return blob
 
 
-def read_artifact(path: str | Path) -> dict:
+def read_artifact(path: str | Path, where: str | None = None) -> dict:
     """The artifact's quantised dict, checked against the format (README); a bad file is a one-line ConfigError."""
-    where = f"EVAL_ONLY={path}"
+    where = where or f"EVAL_ONLY={path}"  # what named the file, for the message
     try:
         data = Path(path).read_bytes()
         raw = lzma.decompress(data)
@@ -1522,10 +1523,14 @@ class TargetCountMismatch(RunError):
 
 
 class Totals:
-    """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero)."""
+    """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero); `breakdown`
+    holds the same three sums per bucket (named by `labels`), and each grouping's buckets add up to `values`."""
 
-    def __init__(self, values: Tensor | None = None):
+    def __init__(self, values: Tensor | None = None, breakdown: Tensor | None = None, labels: list[str] = ()):
         self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
+        self.labels = list(labels)
+        self.breakdown = (torch.zeros(len(self.labels), 3, dtype=torch.float64) if breakdown is None
+                          else breakdown.detach().cpu().double())
 
     @property
     def loss(self) -> float:
@@ -1565,24 +1570,86 @@ def gather_windows(tokens: np.ndarray, starts: list[int], window: int, device: t
     return to_device(torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)), device)
 
 
+BYTE_CLASSES = ("lower", "upper", "digit", "space", "punct", "utf8_lead", "utf8_cont", "bos")
+
+
+def byte_class(token: int) -> int:
+    """Index in BYTE_CLASSES: ASCII letters, digits, whitespace (space, tab, LF, CR, VT, FF), other ASCII, UTF-8
+    lead (0xC0-0xFF) and continuation (0x80-0xBF) bytes; last BOS and the other special ids (charged, no byte)."""
+    b = token - BYTE_OFFSET
+    if b < 0 or b >= 0x80:
+        return 7 if b < 0 else 5 if b >= 0xC0 else 6
+    c = chr(b)
+    return 0 if c.islower() else 1 if c.isupper() else 2 if c.isdigit() else 3 if c in " \t\n\r\v\f" else 4
+
+
+def range_labels(lows: list[int], end: int | None) -> list[str]:
+    """Names of the integer ranges starting at `lows`, the last ending before `end` (None: open-ended)."""
+    return [f"{lo}+" if hi is None else str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+            for lo, hi in zip(lows, [*lows[1:], end])]
+
+
+class Breakdown:
+    """Where the bits go: each scored target adds its NLL, 1 and its byte count to one bucket per grouping: its slot
+    in its patch (windows are patched from their first byte), its byte class, its distance from the last BOS at or
+    before it in the stream and its index in its window (both log-spaced). EVAL_BREAKDOWN=0: no buckets."""
+
+    def __init__(self, tokens: np.ndarray, args: Hyperparameters, device: torch.device):
+        self.labels, self.rows = [], []  # bucket names; each grouping's rows of them
+        if not args.eval_breakdown:
+            return
+        self.doc_starts = np.union1d(0, np.flatnonzero(tokens == BOS_ID))  # the stream's start counts as one
+        doc_lows = [0] + [1 << k for k in range(17)]  # 0 (the BOS itself), 1, 2-3, ..., 65536+
+        context_lows = [1] + [1 << k for k in range(1, args.window.bit_length()) if 1 << k < args.window]
+        groupings = {"slot": range(args.patch_size), "class": BYTE_CLASSES, "doc_pos": range_labels(doc_lows, None),
+                     "context": range_labels(context_lows, args.window)}
+        ends = np.cumsum([len(buckets) for buckets in groupings.values()]).tolist()
+        self.rows = [slice(end - len(buckets), end) for end, buckets in zip(ends, groupings.values())]
+        self.labels = [f"{name}:{b}" for name, buckets in groupings.items() for b in buckets]
+        self.pos = torch.arange(args.window, device=device)
+        self.slot = self.pos % args.patch_size
+        self.context = torch.bucketize(self.pos, torch.tensor(context_lows[1:], device=device), right=True)
+        self.classes = torch.tensor([byte_class(t) for t in range(args.vocab_size)], device=device)
+        self.doc_lows = torch.tensor(doc_lows[1:], device=device)
+
+    def add(self, buckets: Tensor, ids: Tensor, starts: list[int], per_target: Tensor) -> None:
+        """Adds each position's (nats, target, byte) sums (B, W, 3) to its bucket of each grouping, on the device.
+        A window's document position continues from its start's distance to the last BOS before it."""
+        before = np.asarray(starts) - self.doc_starts[np.searchsorted(self.doc_starts, starts, side="right") - 1]
+        last_start = torch.where(ids == BOS_ID, self.pos, -to_device(torch.from_numpy(before), ids.device)[:, None])
+        doc_pos = self.pos - last_start.cummax(dim=1).values
+        by_position, flat = per_target.sum(0), per_target.flatten(0, 1)  # by position: summed over windows first
+        slot, byte, doc, context = self.rows
+        buckets[slot].index_add_(0, self.slot, by_position)
+        buckets[byte].index_add_(0, self.classes[ids].flatten(), flat)
+        buckets[doc].index_add_(0, torch.bucketize(doc_pos, self.doc_lows, right=True).flatten(), flat)
+        buckets[context].index_add_(0, self.context, by_position)
+
+
 @torch.inference_mode()
 def score_spans(logits_fn, tokens: np.ndarray, spans: list[tuple[int, int, int]], window: int, batch_seqs: int,
-                rt: Runtime) -> Totals:
-    """Sums over each rank's own spans, all-reduced; padding windows that score nothing give every batch one shape."""
+                rt: Runtime, breakdown: Breakdown) -> Totals:
+    """Sums over each rank's own spans, all-reduced; padding windows that score nothing give every batch one shape.
+    The breakdown's sums are added on the device (no host sync) and reduced with the headline's, in one tensor."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    buckets = torch.zeros(len(breakdown.labels), 3, dtype=torch.float64, device=rt.device)
     pos = torch.arange(window, device=rt.device)
     for i in range(0, len(spans), batch_seqs):
         batch = spans[i:i + batch_seqs]
         pad = batch_seqs - len(batch)
-        ids = gather_windows(tokens, [s for s, _, _ in batch] + [batch[0][0]] * pad, window, rt.device)
+        starts = [s for s, _, _ in batch] + [batch[0][0]] * pad
+        ids = gather_windows(tokens, starts, window, rt.device)
         bounds = to_device(torch.tensor([(lo - s, hi - s) for s, lo, hi in batch] + [(0, 0)] * pad), rt.device)
         with rt.autocast():
             logits = logits_fn(ids)
         nll = F.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")  # exact to ~1e-15
         scored = (pos >= bounds[:, :1]) & (pos < bounds[:, 1:])
-        sums += torch.stack((torch.where(scored, nll, 0.0).sum(), scored.sum(),  # nll, targets, bytes among them
-                             (scored & (ids >= BYTE_OFFSET)).sum()))
-    totals = Totals(rt.all_reduce(sums))
+        charged, counted = torch.where(scored, nll, 0.0), scored & (ids >= BYTE_OFFSET)
+        sums += torch.stack((charged.sum(), scored.sum(), counted.sum()))  # nll, targets, bytes among them
+        if breakdown.labels:
+            breakdown.add(buckets, ids, starts, torch.stack((charged, scored.double(), counted.double()), dim=-1))
+    reduced = rt.all_reduce(torch.cat((sums, buckets.flatten())))
+    totals = Totals(reduced[:3], reduced[3:].view(-1, 3), breakdown.labels)
     if not math.isfinite(totals.loss):  # weights gone non-finite (in TTT, or trained so) give no score, on any rank
         raise Diverged(f"{rt.phase} scored a non-finite loss ({totals.loss}); no score is reported (after TTT's "
                        f"adaptation: lower TTT_LR)")
@@ -1611,7 +1678,8 @@ def evaluate_standard(model: ByteJEPA, tokens: np.ndarray, args: Hyperparameters
     """Non-overlapping windows (neighbours share one byte) over the whole split, tail included, shared across ranks."""
     model.eval()
     spans = rank_share(plan_windows(len(tokens), args.window, args.window - 1), rt)
-    totals = score_spans(logits_fn or model.forward_logits, tokens, spans, args.window, eval_batch_seqs(args, rt), rt)
+    totals = score_spans(logits_fn or model.forward_logits, tokens, spans, args.window, eval_batch_seqs(args, rt), rt,
+                         Breakdown(tokens, args, rt.device))
     check_targets(totals, len(tokens), "standard")
     return totals
 
@@ -1686,15 +1754,18 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
     loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
     adapting = adapt and args.ttt_epochs > 0
-    totals, per_chunk, score_times, adapt_times = Totals(), [], [], []
+    breakdown = Breakdown(tokens, args, rt.device)
+    totals, per_chunk, score_times, adapt_times = Totals(labels=breakdown.labels), [], [], []
     name = "ttt" if adapt else "sliding"
     model.eval()
     for c, chunk_spans in enumerate(by_chunk):
         rt.meet(phase=f"evaluation ({name}, chunk {c + 1}/{num_chunks})")
         t = rt.now()
-        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt)
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt,
+                                   breakdown)
         per_chunk.append(chunk_totals)
         totals.values += chunk_totals.values
+        totals.breakdown += chunk_totals.breakdown
         score_times.append(time.perf_counter() - t)  # Totals are on the host: the scoring has finished
         if adapting and c < num_chunks - 1:
             # rates leave out the first scoring and the first adaptation, which include compilation
@@ -1794,11 +1865,17 @@ def log_peak_memory(rt: Runtime, log) -> None:
 
 
 def log_final(log, label: str, totals: Totals, eval_ms: float | None = None) -> None:
+    """The breakdown's buckets that scored any target (exact sums, bpb, share of all bits), then the score."""
+    for name, (nats, count, nbytes) in zip(totals.labels, totals.breakdown.tolist()):
+        if count:  # buckets that scored nothing (say, positions past the longest document) are left out
+            bpb = f"{nats / math.log(2) / nbytes:.6f}" if nbytes else "-"  # BOS is charged but counts no byte
+            log(f"{label}_breakdown {name} nats:{nats!r} targets:{count:.0f} bytes:{nbytes:.0f} bpb:{bpb} "
+                f"share:{nats / max(totals.values[0].item(), 1e-300):.6f}")
     timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
     log(f"{label} val_loss:{totals.loss:.4f} val_bpb:{totals.bpb:.4f}{timing}")
     log(f"{label}_exact val_loss:{totals.loss:.8f} val_bpb:{totals.bpb:.8f}")
     nll, targets, nbytes = totals.values.tolist()
-    log(f"{label}_sums nll_nats:{nll:.6f} targets:{targets:.0f} bytes:{nbytes:.0f}")
+    log(f"{label}_sums nll_nats:{nll!r} targets:{targets:.0f} bytes:{nbytes:.0f}")
 
 
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> dict:

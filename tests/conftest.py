@@ -298,3 +298,35 @@ def diverged_run(corpus, tmp_path_factory) -> tuple[Run, bytes]:
 
 
 DIVERGING_LRS = dict(MATRIX_LR="1e8", EMBED_LR="1e8", HEAD_LR="1e8", SCALAR_LR="1e8")
+
+
+def breakdown_sums(rows: dict) -> dict[str, np.ndarray]:
+    """Grouping -> the (nats, targets, bytes) sums over its buckets."""
+    sums = {}
+    for name, values in rows.items():
+        grouping = name.split(":")[0]
+        sums[grouping] = sums.get(grouping, 0) + np.array(values, dtype=np.float64)
+    return sums
+
+
+def logged_breakdown(lines: list[str], label: str) -> tuple[dict, np.ndarray, dict]:
+    """Bucket -> (nats, targets, bytes), the headline sums and the summed shares, read from log_final's lines."""
+    pattern = rf"{label}_breakdown (\S+) nats:(\S+) targets:(\d+) bytes:(\d+) bpb:(\S+) share:(\S+)"
+    found = [re.fullmatch(pattern, line) for line in lines if line.startswith(f"{label}_breakdown ")]
+    assert found and all(found), lines
+    headline = re.fullmatch(rf"{label}_sums nll_nats:(\S+) targets:(\d+) bytes:(\d+)",
+                            [line for line in lines if line.startswith(f"{label}_sums ")][-1])
+    rows = {m[1]: tuple(float(m[i]) for i in (2, 3, 4)) for m in found}
+    shares = breakdown_sums({m[1]: (float(m[6]),) for m in found})
+    return rows, np.array([float(headline[i]) for i in (1, 2, 3)]), shares
+
+
+def assert_breakdown_adds_up(rows: dict, headline: np.ndarray, shares: dict | None = None) -> None:
+    """Every grouping's buckets add up to the headline sums (1e-9 relative), their shares to 1 (printed to 6
+    decimals)."""
+    sums = breakdown_sums(rows)
+    assert sorted(sums) == ["class", "context", "doc_pos", "slot"]
+    for grouping, total in sums.items():
+        np.testing.assert_allclose(total, headline, rtol=1e-9, atol=0, err_msg=grouping)
+        if shares is not None:
+            assert shares[grouping][0] == pytest.approx(1.0, abs=1e-5), grouping

@@ -1,8 +1,10 @@
 """Evaluation: exact BPB accounting, window plans, sliding evaluation, score-first TTT (legality, lr-0
 equivalence, the time budget, a non-finite loss), 1 vs 2 processes (see test_training's twin runs), a stop signal."""
 import math
+import os
 import re
 import signal
+import sys
 import time
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import VirtualClock, leftovers, one_error_line, randomize, run_script, signal_run, tiny_env
+from conftest import (ROOT, VirtualClock, assert_breakdown_adds_up, leftovers, logged_breakdown, one_error_line,
+                      randomize, run_script, signal_run, tiny_env)
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -50,12 +53,100 @@ def test_uniform_logits_give_the_closed_form_bpb(tiny_args, cpu_runtime):
     tokens = stream(1000)
     spans = train_gpt.plan_windows(len(tokens), args.window, args.val_sliding_stride)
     totals = train_gpt.score_spans(lambda ids: torch.zeros(*ids.shape, 260), tokens, spans, args.window, 3,
-                                   cpu_runtime)
+                                   cpu_runtime, train_gpt.Breakdown(tokens, args, cpu_runtime.device))
     targets = tokens[1:]
     byte_targets = int((targets >= 4).sum())
     assert totals.targets == 999 and int(totals.values[2]) == byte_targets
     assert totals.loss == pytest.approx(math.log(260), rel=1e-12)
     assert totals.bpb == pytest.approx(999 * math.log(260) / math.log(2) / byte_targets, rel=1e-12)
+
+
+def uniform_breakdown(tokens: np.ndarray, args, rt, stride: int) -> dict[str, tuple[float, int, int]]:
+    """Bucket -> (nats, targets, bytes) of uniform logits over windows of the given stride."""
+    spans = train_gpt.plan_windows(len(tokens), args.window, stride)
+    totals = train_gpt.score_spans(lambda ids: torch.zeros(*ids.shape, 260), tokens, spans, args.window, 2, rt,
+                                   train_gpt.Breakdown(tokens, args, rt.device))
+    assert totals.targets == len(tokens) - 1
+    rows = {name: (nats, int(n), int(b)) for name, (nats, n, b) in zip(totals.labels, totals.breakdown.tolist())}
+    for nats, n, _ in rows.values():
+        assert nats == pytest.approx(n * math.log(260), rel=1e-12)
+    return rows
+
+
+def counts(rows: dict, grouping: str, column: int = 1) -> dict[str, int]:
+    """The grouping's non-empty buckets: bucket -> targets (column 1) or bytes (column 2)."""
+    return {k.split(":", 1)[1]: v[column] for k, v in rows.items() if k.startswith(grouping + ":") and v[1]}
+
+
+def test_breakdown_of_a_hand_made_stream(tiny_args, cpu_runtime):
+    """Ten documents of BOS + "aB3 ,\u00e9\n" (8 bytes: one of each class, two of whitespace, the two bytes of
+    U+00E9): 89 targets; windows of 64 (patches of 4) at stride 63 are (0, 1..63) and (26, 64..89)."""
+    args = tiny_args()
+    tokens = np.concatenate([train_gpt.encode_document("aB3 ,\u00e9\n") for _ in range(10)])
+    rows = uniform_breakdown(tokens, args, cpu_runtime, stride=63)
+    assert counts(rows, "class") == dict(lower=10, upper=10, digit=10, space=20, punct=10, utf8_lead=10,
+                                         utf8_cont=10, bos=9)
+    assert counts(rows, "class", 2) == dict(lower=10, upper=10, digit=10, space=20, punct=10, utf8_lead=10,
+                                            utf8_cont=10, bos=0)
+    assert counts(rows, "doc_pos") == {"0": 9, "1": 10, "2-3": 20, "4-7": 40, "8-15": 10}
+    # window 1 scores indices 1..63, window 2 indices 38..63 (targets 64..89)
+    assert counts(rows, "slot") == {"0": 15 + 6, "1": 16 + 6, "2": 16 + 7, "3": 16 + 7}
+    assert counts(rows, "context") == {"1": 1, "2-3": 2, "4-7": 4, "8-15": 8, "16-31": 16, "32-63": 32 + 26}
+    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)[1:]  # BOS targets: target t sits at index t - start
+    index = np.where(bos < 64, bos, bos - 26)
+    assert counts(rows, "slot", 2) == {str(k): counts(rows, "slot")[str(k)] - int((index % 4 == k).sum())
+                                       for k in range(4)}
+
+
+def test_document_position_counts_from_the_last_bos_in_the_stream(tiny_args, cpu_runtime):
+    """A document longer than the window (sliding windows at stride 16 that hold no BOS) and bytes before the
+    stream's first BOS, which count from the stream's start: t = 1..99, BOS at 100, then 1..99 again."""
+    args = tiny_args()
+    tokens = np.array([ord("a") + 4] * 100 + [train_gpt.BOS_ID] + [ord("b") + 4] * 99, dtype=np.uint16)
+    rows = uniform_breakdown(tokens, args, cpu_runtime, stride=16)
+    assert counts(rows, "doc_pos") == {"0": 1, "1": 2, "2-3": 4, "4-7": 8, "8-15": 16, "16-31": 32, "32-63": 64,
+                                       "64-127": 72}
+    assert counts(rows, "class") == dict(lower=198, bos=1)
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_breakdown_adds_up_to_the_headline_sums(tiny_args, cpu_runtime, adapt):
+    """A randomized model, standard evaluation and score-first TTT over 5 chunks: over each grouping the buckets'
+    nats, targets and bytes equal the headline's, in the sums and on the logged lines."""
+    args = tiny_args(TTT_LR=0.05, EVAL_MAX_SECONDS=1e6)
+    model = randomize(train_gpt.build_model(args)).eval()
+    tokens = stream(1100, seed=1)
+    totals = (train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, True, 0.0)[0]
+              if adapt else train_gpt.evaluate_standard(model, tokens, args, cpu_runtime))
+    rows = dict(zip(totals.labels, totals.breakdown.numpy()))
+    assert_breakdown_adds_up(rows, totals.values.numpy())
+    lines = []
+    train_gpt.log_final(lines.append, "final_x", totals)
+    assert_breakdown_adds_up(*logged_breakdown(lines, "final_x"))
+
+
+def test_eval_breakdown_off_scores_the_same_and_logs_no_buckets(tiny_args, cpu_runtime):
+    model = randomize(train_gpt.build_model(tiny_args())).eval()
+    tokens = stream(1100, seed=1)
+    on, off = (train_gpt.evaluate_standard(model, tokens, tiny_args(EVAL_BREAKDOWN=knob), cpu_runtime)
+               for knob in (1, 0))
+    assert torch.equal(on.values, off.values) and on.labels and not off.labels
+    lines = []
+    train_gpt.log_final(lines.append, "final_x", off)
+    assert [line.split()[0] for line in lines] == ["final_x", "final_x_exact", "final_x_sums"]
+
+
+def test_breakdown_cost_tool_times_both_evaluations_and_restores_the_breakdown(tiny_args, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import breakdown_cost
+    tiny_args()  # the tiny knobs, in the environment the tool reads
+    add = train_gpt.Breakdown.add
+    lines = breakdown_cost.measure(tokens=600, repeats=1)
+    assert lines[0].startswith("breakdown_cost: device cpu") and "targets 599 repeats 1" in lines[0]
+    for line, name in zip(lines[1:], ("standard", "sliding")):
+        assert re.fullmatch(rf"breakdown_cost {name}: on \S+s off \S+s difference \S+% inside \S+%", line), line
+        assert 0 < float(line.split("inside ")[1][:-1]) < 100, line
+    assert train_gpt.Breakdown.add is add and "EVAL_BREAKDOWN" not in os.environ
 
 
 def direct_sliding_nll(model, tokens: np.ndarray, window: int, stride: int) -> tuple[float, int]:

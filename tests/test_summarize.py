@@ -381,3 +381,93 @@ def test_plot_without_matplotlib_is_one_clear_line(seed_logs, tmp_path, monkeypa
     assert summarize.main([str(seed_logs), "--plot", str(tmp_path / "runs.png")]) == 2
     assert capsys.readouterr().err == "error: --plot needs matplotlib, which is not installed: pip install matplotlib\n"
     assert not (tmp_path / "runs.png").exists()
+
+
+def logged_buckets(path: Path, label: str) -> dict[str, tuple[float, int, int]]:
+    """The test's own reading of a log's breakdown lines: bucket -> (nats, targets, bytes)."""
+    lines = re.findall(rf"^{label}_breakdown (\S+) nats:(\S+) targets:(\d+) bytes:(\d+) ", path.read_text(), re.M)
+    return {name: (float(nats), int(n), int(b)) for name, nats, n, b in lines}
+
+
+def breakdown_table(stdout: str, grouping: str) -> dict[str, list[str]]:
+    """The printed table of one grouping: bucket -> its cells split on whitespace."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(grouping + " "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line or line.split()[0] in summarize.GROUPINGS:
+            break
+        rows[line.split()[0]] = line.split()[1:]
+    return rows
+
+
+def test_breakdown_tables_carry_the_logged_buckets(seed_logs):
+    """--breakdown prints, per bucket and evaluation, the bpb and share the log's sums give; every bucket of every
+    grouping is there, and the shares of a grouping add up to 100%."""
+    path = seed_logs / "tiny_s1.txt"
+    out = cli(path, "--breakdown")
+    assert out.returncode == 0, out.stderr
+    for grouping in summarize.GROUPINGS:
+        table = breakdown_table(out.stdout, grouping)
+        for column, label in enumerate(("final_prequant", "final_int6_lzma_roundtrip", "final_ttt")):
+            logged = {k.split(":", 1)[1]: v for k, v in logged_buckets(path, label).items()
+                      if k.startswith(grouping + ":")}
+            assert list(table) == list(logged), (grouping, label)
+            total = sum(nats for nats, _, _ in logged.values())
+            for bucket, (nats, _, nbytes) in logged.items():
+                bpb, share = table[bucket][2 * column:2 * column + 2]
+                assert bpb == (f"{nats / math.log(2) / nbytes:.4f}" if nbytes else "-"), (grouping, bucket)
+                assert share == f"{nats / total:.1%}", (grouping, bucket)
+            shares = [float(row[2 * column + 1][:-1]) for row in table.values()]  # each rounded to 0.1%
+            assert sum(shares) == pytest.approx(100, abs=0.05 * len(shares))
+    assert "ttt gain" not in out.stdout  # no sliding evaluation to compare TTT with
+
+
+def test_ttt_gain_is_measured_against_the_sliding_evaluation(seed_logs, tmp_path):
+    """A log given a sliding evaluation whose every bucket cost 10% more nats than TTT's: TTT gains a tenth of each
+    bucket's bpb, and each bucket's share of the saved nats is its share of TTT's bits."""
+    path = copy_logs(seed_logs, tmp_path, seeds=(1,)) / "tiny_s1.txt"
+    ttt = logged_buckets(path, "final_ttt")
+    sliding = [f"final_sliding_breakdown {k} nats:{1.1 * n!r} targets:{t} bytes:{b} bpb:- share:-"
+               for k, (n, t, b) in ttt.items()]
+    edit(path, r"^(final_ttt_breakdown slot:0 .*)$", "\n".join(sliding) + r"\n\1")
+    out = cli(path, "--breakdown")
+    assert out.returncode == 0, out.stderr
+    table = breakdown_table(out.stdout, "class")
+    total = sum(n for k, (n, _, _) in ttt.items() if k.startswith("class:"))
+    for bucket, row in table.items():
+        nats, _, nbytes = ttt[f"class:{bucket}"]
+        gain = f"{0.1 * nats / math.log(2) / nbytes:+.4f}" if nbytes else "-"
+        assert row[-2:] == [gain, f"{nats / total:.1%}"], (bucket, row)
+
+
+def test_breakdown_sums_read_from_a_log_equal_its_headline_sums(seed_logs):
+    run = summarize.read_run(seed_logs / "tiny_s2.txt")
+    assert sorted(run.breakdown) == ["final_prequant", "final_ttt", "roundtrip"]
+    nll, targets, nbytes = logged(seed_logs / "tiny_s2.txt", r"^final_ttt_sums nll_nats:(\S+) targets:(\d+) "
+                                                             r"bytes:(\d+)")
+    for grouping in summarize.GROUPINGS:
+        rows = [v for k, v in run.breakdown["final_ttt"].items() if k.startswith(grouping + ":")]
+        assert sum(n for n, _, _ in rows) == pytest.approx(float(nll), rel=1e-9), grouping
+        assert (sum(t for _, t, _ in rows), sum(b for _, _, b in rows)) == (int(targets), int(nbytes)), grouping
+
+
+def test_plot_breakdown_is_a_png(seed_logs, tmp_path):
+    pytest.importorskip("matplotlib")
+    for args in ([seed_logs / "tiny_s1.txt"], [seed_logs, "--evals", "roundtrip,ttt"]):
+        out = cli(*args, "--plot-breakdown", tmp_path / "breakdown.png")
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_breakdown_without_matplotlib_or_breakdown_lines_is_one_clear_line(seed_logs, tmp_path, monkeypatch,
+                                                                               capsys):
+    old = copy_logs(seed_logs, tmp_path, seeds=(1,)) / "tiny_s1.txt"
+    edit(old, r"^final_\w+_breakdown .*\n", "")  # a log written before the breakdown existed
+    assert summarize.main([str(old), "--breakdown"]) == 0
+    assert f"== breakdown of tiny_s1: no *_breakdown lines in {old}" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for path, message in ((seed_logs, "--plot-breakdown needs matplotlib, which is not installed"),
+                          (old, "--plot-breakdown: no *_breakdown lines")):
+        assert summarize.main([str(path), "--plot-breakdown", str(tmp_path / "b.png")]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 import train_gpt
-from conftest import (DIVERGING_LRS, REFERENCE, REFERENCE_RECIPE, ROOT, VirtualClock, earlier_artifact, leftovers,
-                      one_error_line, randomize, run_script, signal_run, tiny_env)
+from conftest import (DIVERGING_LRS, REFERENCE, REFERENCE_RECIPE, ROOT, VirtualClock, assert_breakdown_adds_up,
+                      earlier_artifact, leftovers, logged_breakdown, one_error_line, randomize, run_script, signal_run,
+                      tiny_env)
 
 
 def train_losses(run) -> dict[int, float]:
@@ -220,6 +221,11 @@ def test_one_and_two_processes_score_every_target_once(twin_runs, corpus):
             assert f"targets:{targets} bytes:{nbytes}" in run_line, (label, run_line, targets, nbytes)
         nll_a, nll_b = (float(line.split("nll_nats:")[1].split()[0]) for line in (a, b))
         assert nll_b == pytest.approx(nll_a, rel=1e-6), label  # seen: 1e-7 relative (reduction order)
+        # the breakdown: each grouping adds up to the sums on either run, and each rank's buckets are reduced
+        (rows_a, *sums_a), (rows_b, *sums_b) = (logged_breakdown(run.log.splitlines(), label) for run in (one, two))
+        assert_breakdown_adds_up(rows_a, *sums_a)
+        assert_breakdown_adds_up(rows_b, *sums_b)
+        assert {k: v[1:] for k, v in rows_a.items()} == {k: v[1:] for k, v in rows_b.items()}, label
     for run in (one, two):
         assert run.lines(f"ttt_targets_scored:{targets} expected:{targets} ok")
 

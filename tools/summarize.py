@@ -1,7 +1,8 @@
 """From run logs to a record submission: a table of runs, a seed summary with a one-sided t-test against a
-reference score, the challenge's submission.json with a README skeleton, and plots.
+reference score, the challenge's submission.json with a README skeleton, and plots; and where the bits go.
 
     python3 tools/summarize.py logs/rec_seed*.txt --reference 1.2622 --write-submission records/rec --plot rec.png
+    python3 tools/summarize.py logs/run.txt --breakdown --plot-breakdown breakdown.png   # bpb by slot, class, ...
 
 Every figure comes from a log line written by train_gpt.py (the `final_*_exact` lines for scores, never the rounded
 ones); a value no log holds is printed as `-` and written as null. Unknown lines are ignored.
@@ -43,6 +44,8 @@ SEPARATOR = "=" * 100  # train_gpt.py logs its own source, then this line, then 
 NOT_CONFIGURATION = {"seed", "run_id", "data_path", "tokenizer_path", "eval_only", "train_log_every",
                      "ttt_log_every", "val_loss_every", "size_cap_bytes"}
 FINAL_LABELS = ("final_prequant", "roundtrip", "final_sliding", "final_ttt")
+EVALUATIONS = dict(zip(("prequant", "roundtrip", "sliding", "ttt"), FINAL_LABELS))  # short names (--evals)
+GROUPINGS = ("slot", "class", "doc_pos", "context")  # the breakdown's, as train_gpt.py logs them
 
 
 class BadInput(Exception):
@@ -73,6 +76,7 @@ class Run:
     nonfinite_loss_step: int | None = None  # the first step whose train loss is nan or inf
     val_curve: list = field(default_factory=list)  # (train ms, val bpb)
     ttt_curve: list = field(default_factory=list)  # (chunk, running bpb)
+    breakdown: dict = field(default_factory=dict)  # evaluation -> {"grouping:bucket": (nats, targets, bytes)}
     runs_in_file: int = 1
     flags: list = field(default_factory=list)
 
@@ -131,6 +135,7 @@ PATTERNS = {
     "eval_total": re.compile(rf"^eval_total_time:{NUM}ms"),
     "targets": re.compile(r"^(\w+)_targets_scored:(\d+) expected:(\d+) (\w+)"),
     "chunk": re.compile(rf"^ttt_chunk:(\d+)/(\d+) running_bpb:{NUM}"),
+    "breakdown": re.compile(rf"^(final_\w+)_breakdown (\w+:\S+) nats:{NUM} targets:(\d+) bytes:(\d+)"),
     "error": re.compile(r"^error: (.*)$"),
 }
 
@@ -183,6 +188,8 @@ def apply_line(run: Run, kind: str, m: re.Match) -> None:
             run.mismatches.append(m.group(0))
     elif kind == "chunk":
         run.ttt_curve.append((int(g[0]), float(g[2])))
+    elif kind == "breakdown":
+        run.breakdown.setdefault(final_key(g[0]), {})[g[1]] = (float(g[2]), int(g[3]), int(g[4]))
     elif kind == "error":
         run.errors.append(g[0])
 
@@ -467,6 +474,59 @@ def print_summary(summary: Summary, reference: float | None, margin: float) -> d
     return test
 
 
+def buckets(run: Run, evaluation: str, grouping: str) -> dict[str, tuple[float | None, float, float]]:
+    """Bucket -> (bpb, share of the evaluation's bits, nats) of one grouping, in the logged order; bpb is None for a
+    bucket without bytes (BOS is charged but counts no byte)."""
+    rows = {k.split(":", 1)[1]: v for k, v in run.breakdown.get(evaluation, {}).items()
+            if k.split(":", 1)[0] == grouping}
+    total = sum(nats for nats, _, _ in rows.values()) or 1.0
+    return {b: (nats / math.log(2) / nbytes if nbytes else None, nats / total, nats)
+            for b, (nats, _, nbytes) in rows.items()}
+
+
+def short_name(evaluation: str) -> str:
+    return next(name for name, label in EVALUATIONS.items() if label == evaluation)
+
+
+def breakdown_cell(entry: tuple | None) -> str:
+    """'bpb share' of a bucket in one evaluation."""
+    bpb, share, _ = entry or (None, None, None)
+    return f"{fmt(bpb, '.4f'):>7} {fmt(share, '.1%'):>6}"
+
+
+def ttt_gain_cell(before: tuple | None, after: tuple | None, saved: float) -> str:
+    """How much TTT lowered a bucket's bpb below the sliding evaluation's (the same windows, so every bucket holds
+    the same targets), and the bucket's share of all the nats TTT saved."""
+    if not (before and after):
+        return ""
+    gain = None if before[0] is None else before[0] - after[0]
+    return f"{fmt(gain, '+.4f'):>8} {fmt((before[2] - after[2]) / saved if saved else None, '.1%'):>6}"
+
+
+def breakdown_rows(run: Run, grouping: str) -> list[list[str]]:
+    """A table of one grouping: a column per evaluation, and with sliding and TTT (SLIDING_EVAL=1), TTT's gain."""
+    tables = {e: buckets(run, e, grouping) for e in FINAL_LABELS if e in run.breakdown}
+    gain = "final_sliding" in tables and "final_ttt" in tables
+    before, after = (tables["final_sliding"], tables["final_ttt"]) if gain else ({}, {})
+    saved = sum(v[2] for v in before.values()) - sum(v[2] for v in after.values())
+    rows = [[grouping] + [f"{short_name(e):>7} bpb  share" for e in tables] + ["ttt gain  of all" if gain else ""]]
+    for bucket in dict.fromkeys(b for table in tables.values() for b in table):
+        rows.append([bucket] + [breakdown_cell(table.get(bucket)) for table in tables.values()] +
+                    [ttt_gain_cell(before.get(bucket), after.get(bucket), saved)])
+    return rows
+
+
+def print_breakdown(run: Run) -> None:
+    """Where the bits go, from the *_breakdown lines: bits per byte and share of the bits per bucket."""
+    if not run.breakdown:
+        print(f"== breakdown of {run.run_id}: no *_breakdown lines in {run.path}")
+        return
+    print(f"== breakdown of {run.run_id}: bits per byte and share of all bits per bucket")
+    for grouping in GROUPINGS:
+        print_table(breakdown_rows(run, grouping))
+    print()
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # The submission: submission.json, README skeleton, logs
 # -----------------------------------------------------------------------------------------------------------------
@@ -644,13 +704,19 @@ def write_submission(folder: Path, summary: Summary, test: dict | None, meta: di
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def plot(path: Path, runs: list[Run]) -> None:
+def pyplot(option: str):
+    """matplotlib.pyplot, drawing to files; without matplotlib, one line naming the option that needs it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BadInput("--plot needs matplotlib, which is not installed: pip install matplotlib")
+        raise BadInput(f"{option} needs matplotlib, which is not installed: pip install matplotlib")
+    return plt
+
+
+def plot(path: Path, runs: list[Run]) -> None:
+    plt = pyplot("--plot")
     fig, (train_ax, ttt_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     val_ax = train_ax.twinx()
     for i, r in enumerate(runs):
@@ -674,9 +740,52 @@ def plot(path: Path, runs: list[Run]) -> None:
     print(f"wrote {path}")
 
 
+def breakdown_series(runs: list[Run], evaluations: list[str] | None) -> list[tuple[str, Run, str]]:
+    """(legend, run, evaluation) to draw: the named evaluations of every run; by default every evaluation of a
+    single run (before and after TTT), or each run's final one (runs side by side)."""
+    series = []
+    for r in runs:
+        chosen = evaluations or (list(r.breakdown) if len(runs) == 1 else [r.final_label])
+        series += [(f"{r.run_id} {short_name(e)}", r, e) for e in FINAL_LABELS if e in chosen and e in r.breakdown]
+    if not series:
+        raise BadInput("--plot-breakdown: no *_breakdown lines for the chosen evaluations in these logs (train_gpt.py "
+                       "logs them for every final evaluation unless EVAL_BREAKDOWN=0)")
+    return series
+
+
+def plot_breakdown(path: Path, runs: list[Run], evaluations: list[str] | None) -> None:
+    """Bits per byte by bucket of each grouping, as bars side by side for each run or evaluation."""
+    series = breakdown_series(runs, evaluations)
+    plt = pyplot("--plot-breakdown")
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8))
+    for ax, grouping in zip(axes.flat, GROUPINGS):
+        tables = [buckets(r, e, grouping) for _, r, e in series]
+        names = list(dict.fromkeys(b for t in tables for b in t if t[b][0] is not None))  # bpb needs bytes
+        width = 0.8 / len(series)
+        for i, ((legend, _, _), table) in enumerate(zip(series, tables)):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j, b in enumerate(names) if b in table]
+            ax.bar(xs, [table[b][0] for b in names if b in table], width, label=legend, color=f"C{i % 10}")
+        ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 8 else 0, fontsize=8)
+        ax.set(title=f"by {grouping.replace('_', ' ')}", ylabel="bits per byte")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------------------------------------------
+
+
+def evaluation_list(value: str) -> list[str]:
+    """--evals: short names of evaluations, comma-separated, as their log labels."""
+    unknown = [e for e in value.split(",") if e not in EVALUATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown evaluation {unknown[0]!r}; expected some of "
+                                         f"{', '.join(EVALUATIONS)}")
+    return [EVALUATIONS[e] for e in value.split(",")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -689,6 +798,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--write-submission", type=Path, metavar="DIR",
                    help="write DIR/submission.json, DIR/README.md and copy the logs (one configuration only)")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="train loss, val bpb and TTT running bpb (matplotlib)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print each run's breakdown: bpb and share of the bits by slot, byte class, document position "
+                        "and context, per evaluation, and what TTT gains where")
+    p.add_argument("--plot-breakdown", type=Path, metavar="FILE.png",
+                   help="bars of bpb by slot, class, document position and context (matplotlib): every evaluation of "
+                        "one run, or the final one of each run, or the --evals of each")
+    p.add_argument("--evals", type=evaluation_list, metavar="LIST",
+                   help=f"evaluations for --plot-breakdown, comma-separated from {', '.join(EVALUATIONS)}")
     for name in ("author", "github-id", "name", "blurb", "date"):
         p.add_argument(f"--{name}", help=f"submission.json '{name.replace('-', '_')}' (null if not given)")
     return p.parse_args(argv)
@@ -718,8 +835,13 @@ def main(argv: list[str] | None = None) -> int:
             meta = dict(author=args.author, github_id=args.github_id, name=args.name, blurb=args.blurb,
                         date=args.date)
             write_submission(args.write_submission, summaries[0], tests[0], meta)
+        if args.breakdown:
+            for r in runs:
+                print_breakdown(r)
         if args.plot:
             plot(args.plot, runs)
+        if args.plot_breakdown:
+            plot_breakdown(args.plot_breakdown, runs, args.evals)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
