@@ -3,8 +3,7 @@ Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byt
 
 A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
 a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
-Training: Muon + Adam, wallclock-capped, EMA/SWA (late QAT optional). Artifact: int6 (GPTQ or RTN) + LZMA,
-rate-controlled to the cap.
+Training: Muon + Adam, wallclock-capped, EMA/SWA. Artifact: int6 (GPTQ or RTN) + LZMA, rate-controlled to the cap.
 Evaluation: exact bits per byte, sliding windows, score-first test-time training.
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py        (knobs: environment variables, see Hyperparameters)
@@ -22,6 +21,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,8 +162,7 @@ class Hyperparameters:
         self.iterations = knob("ITERATIONS", 20_000, lo=0)
         self.warmup_steps = knob("WARMUP_STEPS", 20, lo=0)  # compile/prime steps, then weights and state restored
         self.warmdown_iters = knob("WARMDOWN_ITERS", 3500, lo=0)  # linear LR decay over this many steps' worth
-        # with a cap: the warmdown's share of the training time (token records 0.72); auto: WARMDOWN_ITERS steps'
-        # worth (reference)
+        # with a cap: the warmdown's share of the training time (token records 0.72); auto: WARMDOWN_ITERS (reference)
         self.warmdown_frac = knob("WARMDOWN_FRAC", 0.72, float, lo=0.0, hi=1.0, auto=True)
         self.lr_floor = knob("LR_FLOOR", 0.1, lo=0.0, hi=1.0)  # LR at the warmdown's end, x its base; reference 0
         self.max_wallclock_seconds = knob("MAX_WALLCLOCK_SECONDS", 600.0, lo=0.0)  # 0 = no cap
@@ -180,8 +179,7 @@ class Hyperparameters:
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_row_norm = knob("MUON_ROW_NORM", True)  # MuonEq-R: rows at unit norm before Newton-Schulz
-        # decoupled (w *= 1 - lr*wd) on Muon's matrices, the embeddings and the head; not on gains, scales, mixes
-        # and the start latent (Adam's scalar group), as in the token records; reference 0
+        # decoupled (w *= 1 - lr*wd) on Muon's matrices, embeddings and head, not on Adam's scalar group; reference 0
         self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
@@ -340,10 +338,8 @@ def shard_paths(data_path: str, split: str) -> list[Path]:
 
 def check_inputs(args: Hyperparameters) -> None:
     """Every file the run will need, checked before any process group or model exists."""
-    if args.eval_only and not Path(args.eval_only).is_file():
-        raise ConfigError(f"EVAL_ONLY={args.eval_only}: artifact file not found")
     if args.eval_only:
-        read_artifact(args.eval_only)  # a damaged or foreign file stops the run here, with one line
+        read_artifact(args.eval_only)  # a missing, damaged or foreign file stops the run here, with one line
     if args.smoke and Path(args.data_path) == Path(EMBEDDED_SAMPLE_DIR):
         build_embedded_sample(Path(args.data_path))
     if args.vocab_size != PURE_BYTE_TOKENIZER["vocab_size"]:
@@ -899,8 +895,7 @@ def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
     x = g.bfloat16() if g.is_cuda else g.float()
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -953,11 +948,9 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
                              eps=args.adam_eps, weight_decay=0.0, fused=rt.cuda)
     muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, rt, args.weight_decay,
                 args.muon_row_norm)
-    optimizers = [adam, muon]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
+    for group in adam.param_groups + muon.param_groups:
+        group["base_lr"] = group["lr"]
+    return [adam, muon]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1833,29 +1826,23 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"hardware: {describe_hardware(rt)}")
     if rt.cuda:
         log(f"gpus_visible:{torch.cuda.device_count()} nccl:{'.'.join(map(str, torch.cuda.nccl.version()))}")
-    if rt.cuda and rt.master:
-        try:
-            log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
-        except OSError:
-            log("nvidia-smi: not available", console=False)
+    if rt.cuda and rt.master and shutil.which("nvidia-smi"):
+        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
     if args.smoke:
         log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
 
 
 def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
-    """FLOPs per target byte by component; totals with and without attention (flop_counter skips it on CPU);
-    the decoder attention's span and kernel."""
+    """FLOPs per target byte by component, and their totals; the decoder attention's span and kernel."""
     kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
     window = args.decoder_window if 0 < args.decoder_window < args.window else 0
     log("decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
-    totals, linear = {}, {}
+    totals = {}
     for kind, training in (("train", True), ("eval", False)):
         parts = flops_per_byte(args, training)
         totals[kind] = sum(parts.values())
-        linear[kind] = totals[kind] - parts["encoder_attention"] - parts["decoder_attention"]
         log(f"flops_{kind}_components: " + " ".join(f"{k}:{v:.0f}" for k, v in parts.items()))
     log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
-    log(f"flops_per_byte_without_attention train:{linear['train']:.0f} eval:{linear['eval']:.0f}")
 
 
 def log_peak_memory(rt: Runtime, log) -> None:

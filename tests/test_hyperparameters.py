@@ -220,7 +220,7 @@ BAD = [
     # a fresh checkout: neither the shards nor the tokenizer description that `data/prepare.py` writes exist
     ("dataset-and-tokenizer-missing", {"DATA_PATH": "{tmp}/data", "TOKENIZER_PATH": "{tmp}/data/tok.json"}, [],
      ["{tmp}/data", "python3 data/prepare.py"], {}),
-    ("eval-only-missing", {"EVAL_ONLY": "{tmp}/model.ptz"}, [("EVAL_ONLY", "{tmp}/model.ptz")], ["not found"], {}),
+    ("eval-only-missing", {"EVAL_ONLY": "{tmp}/model.ptz"}, [("EVAL_ONLY", "{tmp}/model.ptz")], ["No such file"], {}),
 ]
 BAD_IDS = [case[0] for case in BAD]
 assert len(set(BAD_IDS)) == len(BAD_IDS)
