@@ -37,3 +37,10 @@ def test_gaussian_artifact_tool_logs_rate_control_and_the_verdict(tmp_path, cap)
     assert f"(cap {cap}, fits)" in steps[-1]
     total = int(lines[-1].split(" = ")[1].split()[0])
     assert lines[-1].endswith(": fits") and total <= cap
+
+
+def test_help_is_usage_not_a_run():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gaussian_artifact.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: gaussian_artifact.py [-h] [run_id]"), proc.stdout
+    assert not (ROOT / "logs" / "--help.txt").exists()

@@ -51,6 +51,10 @@ def test_text_corpus_bad_source_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert text_corpus.main([str(tmp_path / "o.jsonl"), str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'}: no text found")
+    (tmp_path / "empty" / "a.txt").write_text("some text")
+    out = tmp_path / "no such folder" / "o.jsonl"
+    assert text_corpus.main([str(out), str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err == f"error: {out}: cannot write (No such file or directory)\n"
 
 
 def test_proxy_runs_its_configuration_on_a_corpus_built_from_text(tmp_path):
@@ -72,6 +76,7 @@ def test_proxy_runs_its_configuration_on_a_corpus_built_from_text(tmp_path):
         assert f"hparam {knob}\n" in log, knob
     assert re.search(r"^final_int6_lzma_roundtrip_exact val_loss:\S+ val_bpb:\S+$", proc.stdout, re.M), proc.stdout
     assert proc.stdout.startswith("proxy run proxy_test finished in")
+    assert "_breakdown " not in proc.stdout and "final_int6_lzma_roundtrip_breakdown " in log  # kept in the log only
 
 
 @pytest.mark.parametrize("argv, message", [([], "usage: tools/proxy.sh"), (["medium", "."], "usage: tools/proxy.sh"),

@@ -4,6 +4,7 @@ hardest case for LZMA), runs the export path (`build_artifact`, with its rate co
 
     python3 tools/gaussian_artifact.py [RUN_ID]       ->  logs/<RUN_ID>.txt (default: gaussian_artifact)
 """
+import argparse
 import os
 import platform
 import sys
@@ -17,8 +18,10 @@ os.environ.setdefault("DEVICE", "cpu")
 import train_gpt  # noqa: E402
 
 
-def main() -> int:
-    run_id = sys.argv[1] if len(sys.argv) > 1 else "gaussian_artifact"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_id", nargs="?", default="gaussian_artifact", help="the log's name: logs/<RUN_ID>.txt")
+    run_id = parser.parse_args(argv).run_id
     (ROOT / "logs").mkdir(exist_ok=True)
     with open(ROOT / "logs" / f"{run_id}.txt", "w") as out:
         def log(line: str):

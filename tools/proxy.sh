@@ -5,10 +5,10 @@
 #
 #   tools/proxy.sh short|long|rich CORPUS_DIR [VAR=value ...]          (from the project root)
 #
-#   short  512-byte windows, MODEL_DIM=128, 400 steps of 16,352 bytes (~25-40 min on 2 CPU cores)
+#   short  512-byte windows, MODEL_DIM=128, 400 steps of 16,352 bytes (14-34 min on 2 CPU cores in logs/)
 #   long   the same with 2,048-byte windows, where context and attention span matter (~1.5x as long)
 #   rich   MODEL_DIM=64 for 2,000 steps: ~82 training bytes per parameter instead of ~5, nearer the real run's ~220;
-#          where training dynamics are judged (~60-90 min). Give it a corpus of ~46 MB or more.
+#          where training dynamics are judged (not timed yet). Give it a corpus of ~46 MB or more.
 # Extra VAR=value arguments override the configuration (an ablation knob, SEED, RUN_ID, ...). Compare a change only
 # with a baseline run the same way, on the same machine, the same day.
 set -euo pipefail
@@ -39,4 +39,5 @@ for kv in "$@"; do export "$kv"; done
 start=$(date +%s)
 python3 train_gpt.py > /dev/null
 echo "proxy run $RUN_ID finished in $(( $(date +%s) - start )) s; log: logs/$RUN_ID.txt"
-grep -E "^(step:[0-9]+/[0-9]+ val_|final_|Serialized model|Total submission size|model_params)" "logs/$RUN_ID.txt"
+grep -E "^(step:[0-9]+/[0-9]+ val_|final_|Serialized model|Total submission size|model_params)" "logs/$RUN_ID.txt" |
+  grep -v "_breakdown "  # the per-bucket lines stay in the log

@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {', '.join(map(str, args.sources))}: no text found", file=sys.stderr)
         return 2
     random.Random(args.seed).shuffle(docs)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+    try:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+    except OSError as e:
+        print(f"error: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"{args.out}: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes from {len(files)} files")
     return 0
 
