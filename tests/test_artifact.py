@@ -259,6 +259,32 @@ def test_q_k_and_v_share_one_hessian_equal_to_their_own_inputs(tiny_args):
     assert not torch.equal(hessians["blocks.0.attn.q.weight"], hessians["blocks.1.attn.q.weight"])
 
 
+def test_hessians_on_two_ranks_are_the_mean_over_both_ranks_rows(tiny_args, monkeypatch):
+    """Two ranks whose calibration batches hold the same bytes (simulated: the all-reduce adds an identical rank's
+    values to this one's): X^T X summed over both ranks, over the rows of both, is this rank's own X^T X / rows. A
+    sum or a row count left unreduced would halve or double it."""
+    args = tiny_args(GPTQ_CALIB_BATCHES=2, **WIDE)
+    model = randomize(train_gpt.build_model(args), std=0.05)
+    seen = []
+    handle = model.patch_proj.register_forward_hook(
+        lambda m, inputs, out: seen.append(inputs[0].detach().reshape(-1, inputs[0].size(-1))))
+
+    def all_reduce(t, op=train_gpt.dist.ReduceOp.SUM, group=None):  # the other rank holds what this one holds
+        if op == train_gpt.dist.ReduceOp.SUM:
+            t.mul_(2)
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    rt = train_gpt.Runtime(args)
+    rt.world = 2
+    try:
+        hessians = train_gpt.collect_hessians(model, train_gpt.DistributedTokenLoader(args, 0, CPU), args, rt)
+    finally:
+        handle.remove()
+    x = torch.cat(seen).float()
+    assert x.size(0) == 2 * 2 * args.window // args.patch_size  # 2 batches of 2 windows, one row per patch
+    torch.testing.assert_close(hessians["patch_proj.weight"], x.T @ x / x.size(0), rtol=1e-4, atol=1e-6)
+
+
 def test_gptq_on_the_models_calibration_batches_beats_rtn(tiny_args):
     """collect_hessians on training micro-batches gives X^T X / rows of each int6 layer's inputs; GPTQ with that
     Hessian moves the layer's outputs on those batches no more than round-to-nearest does."""
@@ -536,6 +562,24 @@ def test_rate_control_steps_down_the_matrix_that_costs_least_error_per_byte():
     assert len(lines) == 2 and lines[1].startswith("rate_control: step 1: 1 matrices one width down"), lines
 
 
+@pytest.mark.parametrize("over, stepped", [(1 / 1.05, 2), (1 / 1.2, 1)])
+def test_rate_control_steps_as_many_matrices_as_the_overshoot_plus_a_tenth_needs(over, stepped):
+    """Four alike Gaussian matrices, each saving about the same entropy S one width down (within 2% here): an
+    overshoot of S / 1.05 is more than S / 1.1, so one step takes two matrices (LZMA gets near the entropy, not below
+    it); an overshoot of S / 1.2 takes one."""
+    g = torch.Generator().manual_seed(0)
+    state = {f"m{i}.weight": torch.randn(128, 768, generator=g) * 0.02 for i in range(4)}
+    saved = [train_gpt.entropy_bytes(train_gpt.quantize_matrix(w, None, 6)) -
+             train_gpt.entropy_bytes(train_gpt.quantize_matrix(w, None, 5)) for w in state.values()]
+    assert max(saved) < 1.02 * min(saved)  # the precondition: alike matrices
+    free = train_gpt.build_artifact(state, SimpleNamespace(size_cap_bytes=10**9), log=lambda msg: None)
+    cap = len(SCRIPT.read_bytes()) + len(free) - int(min(saved) * over)
+    lines = []
+    blob = train_gpt.build_artifact(state, SimpleNamespace(size_cap_bytes=cap), log=lines.append)
+    assert lines[1].startswith(f"rate_control: step 1: {stepped} matrices one width down"), lines
+    assert len(blob) + len(SCRIPT.read_bytes()) <= cap
+
+
 def test_a_tiny_run_under_a_tight_cap_coarsens_and_still_evaluates(sized_runs, tmp_path):
     """Through the command line: a cap below what the run's artifact needs at the default widths is met by
     coarsening (logged), the run exits 0 and its sizes fit; a cap below the code alone is exit 3 (see below)."""
@@ -631,6 +675,30 @@ def test_an_export_that_cannot_finish_leaves_no_partial_artifact(fault, tiny_arg
     if fault != "directory in the way":
         assert (tmp_path / train_gpt.ARTIFACT_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [train_gpt.ARTIFACT_NAME]
+
+
+@pytest.mark.parametrize("rank0", [0, 6, 3])
+def test_the_other_ranks_end_with_rank_0_s_export_failure(tiny_args, cpu_runtime, tmp_path, monkeypatch, rank0):
+    """On rank 1 of 2, which builds and writes nothing, export_artifact returns the artifact's path when rank 0 wrote
+    it, and raises with rank 0's exit status when it could not (6: the write failed, 3: over the cap): no rank goes
+    on to evaluate alone."""
+    monkeypatch.chdir(tmp_path)
+
+    def all_reduce(t, op=train_gpt.dist.ReduceOp.SUM, group=None):  # rank 0's status meets this rank's
+        if op == train_gpt.dist.ReduceOp.MAX:
+            t[0] = max(t[0].item(), rank0)
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    cpu_runtime.world, cpu_runtime.rank, cpu_runtime.master = 2, 1, False
+    model = train_gpt.build_model(tiny_args())
+    if rank0:
+        with pytest.raises(train_gpt.RunError) as failure:
+            train_gpt.export_artifact(model, None, tiny_args(), cpu_runtime, lambda msg: None)
+        assert failure.value.exit_code == rank0
+    else:
+        path = train_gpt.export_artifact(model, None, tiny_args(), cpu_runtime, lambda msg: None)
+        assert path == train_gpt.Path(train_gpt.ARTIFACT_NAME)
+    assert not list(tmp_path.iterdir())  # rank 1 writes nothing
 
 
 def test_an_artifact_that_cannot_be_written_ends_the_run_with_one_line(corpus, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Evaluation: exact BPB accounting, window plans, sliding evaluation, score-first TTT (legality, lr-0
 equivalence, the time budget, a non-finite loss), 1 vs 2 processes (see test_training's twin runs), a stop signal."""
+import json
 import math
 import os
 import re
@@ -136,6 +137,45 @@ def test_eval_breakdown_off_scores_the_same_and_logs_no_buckets(tiny_args, cpu_r
     assert [line.split()[0] for line in lines] == ["final_x", "final_x_exact", "final_x_sums"]
 
 
+def test_byte_class_of_every_id():
+    """Every one of the 260 ids in its class, listed by hand: a-z, A-Z, 0-9, the six ASCII whitespace bytes (space,
+    tab, LF, CR, VT, FF), the other 60 ASCII bytes (controls and DEL included), continuation bytes 0x80-0xBF, lead
+    bytes 0xC0-0xFF (0xC0, 0xC1 and 0xF5-0xFF included), and the four special ids 0-3."""
+    expected = {"lower": set(range(0x61, 0x7B)), "upper": set(range(0x41, 0x5B)), "digit": set(range(0x30, 0x3A)),
+                "space": {0x20, 0x09, 0x0A, 0x0D, 0x0B, 0x0C}, "utf8_cont": set(range(0x80, 0xC0)),
+                "utf8_lead": set(range(0xC0, 0x100))}
+    expected["punct"] = set(range(0x80)) - set().union(*expected.values())
+    got = {name: set() for name in train_gpt.BYTE_CLASSES}
+    for token in range(260):
+        got[train_gpt.BYTE_CLASSES[train_gpt.byte_class(token)]].add(token - train_gpt.BYTE_OFFSET)
+    assert got.pop("bos") == {-4, -3, -2, -1}  # pad, BOS, EOS, unk
+    assert got == expected
+    assert {k: len(v) for k, v in got.items()} == dict(lower=26, upper=26, digit=10, space=6, punct=60, utf8_cont=64,
+                                                       utf8_lead=64)
+
+
+def test_log_final_lines_of_hand_made_sums():
+    """Known sums, known lines: 4 targets of which 3 bytes, 4 ln 2 nats in all (bpb 4/3); a bucket's bpb is its nats
+    in bits over its bytes ('-' for BOS, which has none), its share its nats over all nats; empty buckets are left
+    out; the headline's loss is nats per target."""
+    ln2 = math.log(2)
+    labels = ["slot:0", "slot:1", "slot:2", "class:lower", "class:bos"]
+    breakdown = torch.tensor([[3 * ln2, 3, 2], [ln2, 1, 1], [0, 0, 0], [3 * ln2, 3, 3], [ln2, 1, 0]],
+                             dtype=torch.float64)
+    totals = train_gpt.Totals(torch.tensor([4 * ln2, 4, 3], dtype=torch.float64), breakdown, labels)
+    lines = []
+    train_gpt.log_final(lines.append, "final_x", totals, eval_ms=1234.4)
+    assert lines == [
+        "final_x_breakdown slot:0 nats:2.0794415416798357 targets:3 bytes:2 bpb:1.500000 share:0.750000",
+        "final_x_breakdown slot:1 nats:0.6931471805599453 targets:1 bytes:1 bpb:1.000000 share:0.250000",
+        "final_x_breakdown class:lower nats:2.0794415416798357 targets:3 bytes:3 bpb:1.000000 share:0.750000",
+        "final_x_breakdown class:bos nats:0.6931471805599453 targets:1 bytes:0 bpb:- share:0.250000",
+        "final_x val_loss:0.6931 val_bpb:1.3333 eval_time:1234ms",
+        "final_x_exact val_loss:0.69314718 val_bpb:1.33333333",
+        "final_x_sums nll_nats:2.772588722239781 targets:4 bytes:3",
+    ]
+
+
 def test_breakdown_cost_tool_times_both_evaluations_and_restores_the_breakdown(tiny_args, monkeypatch):
     sys.path.insert(0, str(ROOT / "tools"))
     import breakdown_cost
@@ -243,6 +283,60 @@ def test_time_budget_lets_adaptation_run_while_it_fits(tiny_args, cpu_runtime):
     assert "adapted_chunks:4" in [line for line in lines if line.startswith("ttt_chunk:5/5")][0]
 
 
+@pytest.mark.parametrize("other_over", [True, False])
+def test_ranks_stop_adapting_together_when_another_rank_is_over_the_budget(tiny_args, cpu_runtime, monkeypatch,
+                                                                           other_over):
+    """Two ranks decide on the time budget together (simulated: this rank scores and adapts on every window, the other
+    on none, and the other projects past EVAL_MAX_SECONDS or not): when only the other rank is over, this one stops
+    adapting too, before chunk 1, and scores as the sliding evaluation does; when neither is, all 4 chunks adapt."""
+    monkeypatch.setattr(train_gpt, "rank_share", lambda items, rt: items)
+
+    def all_reduce(t, op=train_gpt.dist.ReduceOp.SUM, group=None):  # the other rank adds nothing to any sum
+        if op == train_gpt.dist.ReduceOp.MAX and t.numel() == 2:  # the budget's verdict and the stop signal
+            t[0] = max(t[0].item(), float(other_over))
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    cpu_runtime.world = 2
+    tokens, lines = stream(1100, seed=1), []
+    ttt, _ = score_first(tiny_args(TTT_LR=0.05, EVAL_MAX_SECONDS=1e6), cpu_runtime, tokens, log=lines.append)
+    sliding, _ = score_first(tiny_args(), cpu_runtime, tokens, adapt=False)
+    stops = [line for line in lines if line.startswith("ttt_budget_stop:")]
+    assert ttt.targets == 1099 and ("adapted_chunks:0" if other_over else "adapted_chunks:4") in lines[-2], lines
+    if other_over:
+        assert len(stops) == 1 and "before chunk 1/5" in stops[0] and torch.equal(ttt.values, sliding.values)
+    else:
+        assert not stops and not torch.equal(ttt.values, sliding.values)
+
+
+def test_ttt_steps_are_the_same_on_two_ranks_as_on_one(tiny_args, cpu_runtime, monkeypatch):
+    """A chunk whose windows all hold the same bytes, adapted on one rank, and on rank 0 of two (simulated: the
+    all-reduce adds the other rank's gradient, which is this one's): each step's gradient is the mean over the batch's
+    windows, whichever rank holds them, so the weights end alike (no clipping, which would hide a scale)."""
+    args = tiny_args(TTT_LR=0.05, TTT_MOMENTUM=0.9, TTT_GRAD_CLIP=0, TTT_BATCH_SEQS=2, TTT_EPOCHS=2)
+    chunk = np.tile(stream(63, seed=3), 5)[:256]  # windows every 63 bytes: four windows, all the same bytes
+
+    def adapted(world: int) -> list[torch.Tensor]:
+        model = randomize(train_gpt.build_model(args), 2, std=0.1)
+        params = train_gpt.ttt_parameters(model, args)
+        opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+        cpu_runtime.world = world
+        train_gpt.adapt_on_chunk(model, model, opt, params, chunk, args, cpu_runtime)
+        return [p.detach() for p in params]
+
+    one = adapted(1)
+
+    def all_reduce(t, op=train_gpt.dist.ReduceOp.SUM, group=None):
+        if op == train_gpt.dist.ReduceOp.SUM:
+            t.mul_(2)
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    two = adapted(2)
+    start = [p.detach() for p in train_gpt.ttt_parameters(randomize(train_gpt.build_model(args), 2, std=0.1), args)]
+    assert not torch.equal(one[0], start[0])
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_weights_gone_non_finite_are_never_scored(tiny_args, cpu_runtime):
     """An adaptation step that makes the weights non-finite (TTT_LR=1e30) stops the evaluation at the next chunk's
     scoring with a line naming the chunk, the value and TTT_LR, on every rank alike (the sums are all-reduced); a
@@ -313,6 +407,29 @@ def test_end_to_end_eval_lines_and_budget_stop(corpus, tmp_path):
     assert run.lines("eval_total_time:") and "projected_8gpu:" in run.lines("eval_total_time:")[0]
     scored = run.lines("ttt_targets_scored:")[0]
     assert scored.endswith(" ok")
+
+
+@pytest.mark.parametrize("evaluations, final", [
+    (("final_int6_lzma_roundtrip", "final_sliding", "final_ttt"), "final_ttt"),
+    (("final_int6_lzma_roundtrip", "final_sliding"), "final_sliding"),
+    (("final_int6_lzma_roundtrip",), "final_int6_lzma_roundtrip")])
+def test_the_submission_s_score_is_the_last_evaluation_run(tiny_args, cpu_runtime, tmp_path, monkeypatch, evaluations,
+                                                          final):
+    """submission.json's val_bpb and val_loss are TTT's when it ran, else the sliding evaluation's, else the round
+    trip's; pre_quant_* are the averaged weights' (bpb 1.3, 1.2, 1.1, 1.0 here), the facts are copied."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    args = tiny_args(RUN_ID="sub")
+    bpb = dict(final_prequant=1.3, final_int6_lzma_roundtrip=1.2, final_sliding=1.1, final_ttt=1.0)
+    results = {label: train_gpt.Totals(torch.tensor([math.log(2) * 100 * bpb[label], 125, 100], dtype=torch.float64))
+               for label in ("final_prequant",) + evaluations}
+    facts = dict(step_stop=6, wallclock_seconds=1.5, bytes_total=1000, bytes_model_int6_lzma=900, bytes_code=100)
+    train_gpt.write_submission(args, cpu_runtime, lambda msg: None, results, facts)
+    info = json.loads((tmp_path / "logs" / "sub.submission.json").read_text())
+    assert info["val_bpb"] == pytest.approx(bpb[final], rel=1e-12)
+    assert info["val_loss"] == pytest.approx(math.log(2) * 100 * bpb[final] / 125, rel=1e-12)
+    assert info["pre_quant_val_bpb"] == pytest.approx(1.3, rel=1e-12) and info["run_id"] == "sub"
+    assert {k: info[k] for k in facts} == facts and info["track"] == "non_record"
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -418,28 +535,65 @@ def test_ttt_adapts_with_cosine_lr_momentum_and_frozen_blocks(tiny_args, cpu_run
             torch.testing.assert_close(p.detach(), expected[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_time_budget_projects_the_remaining_scoring_and_stops_adaptation_part_way(tiny_args, cpu_runtime,
-                                                                                   monkeypatch):
-    """6 chunks; scoring a chunk costs 0.5 s (16 windows), adapting on one 0.5 s (4 windows, 1 epoch); 1 s was
-    spent before TTT began and the budget is 5.25 s. Scoring alone needs 1 + 6 x 0.5 = 4 s, so 2 adaptations
-    fit and a 3rd would not: adaptation must stop part way, the evaluation must end inside the budget, and it
-    must not give up more than one adaptation early."""
-    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=1, TTT_BATCH_SEQS=2, EVAL_MAX_SECONDS=5.25)
+def budgeted_ttt(tiny_args, cpu_runtime, monkeypatch, budget: float, first_score: float = 0.0,
+                 first_adapt: float = 0.0):
+    """6 chunks on a virtual clock: scoring a chunk costs 0.5 s (16 windows), adapting on one 0.5 s (4 windows,
+    1 epoch), 1 s was spent before TTT began; the first scoring and the first adaptation may cost more (compilation).
+    -> (chunks adapted, seconds to the finish, log lines, totals)."""
+    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=1, TTT_BATCH_SEQS=2, EVAL_MAX_SECONDS=budget)
     tokens = stream(6 * 256, seed=6)
     model = randomize(train_gpt.build_model(args), 0).eval()
     clock, scored, trained = VirtualClock(monkeypatch), [], []
-    model.forward_logits = clock.charge(model.forward_logits, 0.5 / 16, scored)
-    model.forward = clock.charge(model.forward, 0.5 / 4, trained)
+
+    def compiled_at_first_call(fn, seconds: float, calls: list):
+        def first(ids, *rest):
+            clock.now += 0.0 if calls else seconds
+            return fn(ids, *rest)
+        return first
+
+    model.forward_logits = compiled_at_first_call(clock.charge(model.forward_logits, 0.5 / 16, scored), first_score,
+                                                  scored)
+    model.forward = compiled_at_first_call(clock.charge(model.forward, 0.5 / 4, trained), first_adapt, trained)
     lines = []
     eval_t0 = clock.now - 1.0
     totals, _ = train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lines.append, True, eval_t0)
-    finish = clock.now - eval_t0
-    adapted = sum(trained) / 4
-    assert sum(scored) >= 6 * 16 - 3 and totals.targets == len(tokens) - 1
+    assert sum(scored) == 6 * 16 and totals.targets == len(tokens) - 1
+    return sum(trained) / 4, clock.now - eval_t0, lines, totals
+
+
+def test_time_budget_projects_the_remaining_scoring_and_stops_adaptation_part_way(tiny_args, cpu_runtime,
+                                                                                   monkeypatch):
+    """Budget 5.25 s: scoring alone needs 1 + 6 x 0.5 = 4 s, so 2 adaptations fit and a 3rd would not: adaptation
+    must stop part way, the evaluation must end inside the budget, and it must not give up more than one adaptation
+    early."""
+    adapted, finish, lines, _ = budgeted_ttt(tiny_args, cpu_runtime, monkeypatch, 5.25)
     assert len([line for line in lines if line.startswith("ttt_budget_stop:")]) == 1
     assert adapted == 2, f"{adapted} chunks adapted: exactly 2 fit the budget"
     assert finish <= 5.25, f"evaluation ran {finish:.2f}s past a 5.25s budget: the projection left out work"
     assert finish > 5.25 - 0.5, f"stopped at {finish:.2f}s: another adaptation (0.5s) would have fitted"
+
+
+@pytest.mark.parametrize("budget, adapted", [(5.0, 2), (5.0 - 1 / 32, 1)])
+def test_time_budget_at_its_edge(tiny_args, cpu_runtime, monkeypatch, budget, adapted):
+    """The projection before chunk 2's adaptation is exactly 2.5 s spent + 0.5 s adapting + 4 chunks x 0.5 s scoring =
+    5.0 s (every figure a multiple of 1/32 s: exact). A finish exactly at the budget is inside it: with 5.0 s the 2nd
+    adaptation runs and the evaluation ends at 5.0 s; 1/32 s less and it does not, ending at 4.5 s."""
+    got, finish, lines, _ = budgeted_ttt(tiny_args, cpu_runtime, monkeypatch, budget)
+    stop = [line for line in lines if line.startswith("ttt_budget_stop:")]
+    assert (got, finish) == (adapted, 5.0 if adapted == 2 else 4.5)
+    assert len(stop) == 1 and f"before chunk {adapted + 1}/6: projected finish " in stop[0], stop
+
+
+def test_time_budget_rates_leave_out_the_compilation(tiny_args, cpu_runtime, monkeypatch):
+    """The first scoring costs 2 s more and the first adaptation 1 s more (compilation). The projections use the later
+    chunks' rates (0.5 s each), the single first adaptation's own 1.5 s while it is the only one: 3.5 s spent before
+    chunk 0's adaptation (projected 3.5 s), then 5.5 + 1.5 + 4 x 0.5 = 9.0, 6.5 + 0.5 + 3 x 0.5 = 8.5, 7.5 + 0.5 + 2 x
+    0.5 = 9.0 and 8.5 + 0.5 + 0.5 = 9.5: under a 9 s budget chunks 0-3 adapt and the evaluation ends at 9.0 s."""
+    adapted, finish, lines, _ = budgeted_ttt(tiny_args, cpu_runtime, monkeypatch, 9.0, first_score=2.0,
+                                             first_adapt=1.0)
+    stop = [line for line in lines if line.startswith("ttt_budget_stop:")]
+    assert (adapted, finish) == (4, 9.0)
+    assert len(stop) == 1 and "before chunk 5/6: projected finish 9.5s" in stop[0], stop
 
 
 @pytest.mark.parametrize("flaw", ["a window twice", "a window left out"])

@@ -372,6 +372,19 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     assert counted_attention == pytest.approx(dense, rel=0.01)
 
 
+def test_sigreg_projection_flops_match_the_counter_to_the_flop(tiny_args):
+    """SIGReg's projection on fixed directions is the only term that grows with SIGREG_SLICES (forward and the backward
+    to z: 2 x 2 x patches x latent x slices a window): between 16 and 1040 slices the analytic count and flop_counter's
+    grow by the same FLOPs, exactly (the 1% tolerance on the whole count above is wider than this term)."""
+    few, many = (tiny_args(SIGREG_SLICES=s) for s in (16, 1040))
+    analytic = [sum(train_gpt.flops_per_byte(a, training=True).values()) for a in (few, many)]
+    counted = [sum(counted_flops(a, training=True)) for a in (few, many)]
+    patches = few.window // few.patch_size
+    assert analytic[1] - analytic[0] == pytest.approx(2 * 2 * patches * few.latent_dim * 1024 / few.train_seq_len,
+                                                      rel=1e-12)
+    assert counted[1] - counted[0] == pytest.approx(analytic[1] - analytic[0], rel=1e-9)
+
+
 def test_flops_per_byte_by_hand(monkeypatch):
     """Counted by hand per target byte (d=480, 2048-byte window, 256 patches). The reference: decoder matmuls
     7 x 16 d^2 (q, k, v, proj 8 d^2, MLP 8 d^2) + latent_in 2 x 192 x 480 / 8, decoder attention 7 x 4 d x

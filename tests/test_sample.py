@@ -140,3 +140,18 @@ def test_knobs_that_do_not_fit_the_artifact_are_one_line(trained, monkeypatch, c
     assert sample.main([str(trained / "model.ptz"), "--bytes", "4"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "does not match the model configured here" in err[0], err
+
+
+def test_knobs_come_from_the_last_run_of_a_reused_log(tmp_path):
+    """A log a reused RUN_ID appended a second run to: the knobs are the last run's (its source, the separator, its
+    hparam lines), `None` reads as auto, and the knobs that name or place the run are left to this process."""
+    first = ["import torch  # the first run's source", sample.SEPARATOR, "hparam model_dim=48", "hparam seed=1",
+             "step:1/2 train_loss:5.5"]
+    second = ["import torch  # the second run's source", "hparam model_dim=999  (a line of the source)",
+              sample.SEPARATOR, "hparam model_dim=32", "hparam decoder_dim=None", "hparam run_id=again",
+              "hparam device=cpu", "hparam world_size=2", "hparam eval_only=", "step:1/2 train_loss:5.4"]
+    log = tmp_path / "run.txt"
+    log.write_text("\n".join(first + second) + "\n")
+    assert sample.knobs_from_log(log) == {"MODEL_DIM": "32", "DECODER_DIM": "auto"}
+    log.write_text("\n".join(first) + "\n")
+    assert sample.knobs_from_log(log) == {"MODEL_DIM": "48", "SEED": "1"}

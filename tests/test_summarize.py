@@ -471,3 +471,43 @@ def test_plot_breakdown_without_matplotlib_or_breakdown_lines_is_one_clear_line(
                           (old, "--plot-breakdown: no *_breakdown lines")):
         assert summarize.main([str(path), "--plot-breakdown", str(tmp_path / "b.png")]) == 2
         assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_ttt_gain_where_ttt_helped_one_class_and_hurt_another(seed_logs, tmp_path):
+    """A sliding evaluation that cost 1.5 nats more than TTT on lowercase bytes, 0.5 fewer on whitespace and the same
+    elsewhere: TTT saved 1.0 nat over the class buckets, 150% of it on lowercase and -50% on whitespace (not the
+    buckets' shares of TTT's bits), and its gain in bpb is the difference's bits over each bucket's bytes."""
+    path = copy_logs(seed_logs, tmp_path, seeds=(1,)) / "tiny_s1.txt"
+    ttt = logged_buckets(path, "final_ttt")
+    delta = {"class:lower": 1.5, "class:space": -0.5}
+    sliding = [f"final_sliding_breakdown {k} nats:{n + delta.get(k, 0.0)!r} targets:{t} bytes:{b} bpb:- share:-"
+               for k, (n, t, b) in ttt.items()]
+    edit(path, r"^(final_ttt_breakdown slot:0 .*)$", "\n".join(sliding) + r"\n\1")
+    out = cli(path, "--breakdown")
+    assert out.returncode == 0, out.stderr
+    table = breakdown_table(out.stdout, "class")
+    assert {"lower", "space", "upper", "punct"} <= set(table)
+    for bucket, row in table.items():
+        nats, _, nbytes = ttt[f"class:{bucket}"]
+        d = delta.get(f"class:{bucket}", 0.0)
+        gain = f"{d / math.log(2) / nbytes:+.4f}" if nbytes else "-"
+        assert row[-2:] == [gain, {"lower": "150.0%", "space": "-50.0%"}.get(bucket, "0.0%")], (bucket, row)
+
+
+def test_strict_json_replaces_every_non_finite_number_with_null_and_a_reason():
+    value = {"a": math.inf, "b": math.nan, "c": [math.nan, 1.5, -math.inf], "d": {"e": -math.inf, "f": 0.0},
+             "g": "nan", "h": 2}
+    assert summarize.strict_json(value) == {
+        "a": None, "a_null_reason": "the log holds inf: the run diverged",
+        "b": None, "b_null_reason": "the log holds nan: the run diverged",
+        "c": [None, 1.5, None],
+        "d": {"e": None, "e_null_reason": "the log holds -inf: the run diverged", "f": 0.0},
+        "g": "nan", "h": 2}
+
+
+@pytest.mark.parametrize("loss, bpb, flagged", [("inf", "1.25000000", True), ("0.87000000", "nan", True),
+                                                ("nan", "nan", True), ("0.87000000", "1.25000000", False)])
+def test_a_score_is_flagged_when_its_loss_or_its_bpb_is_not_finite(loss, bpb, flagged):
+    run = summarize.Run(Path("r.txt"), exact={"final_ttt": ("0.86000000", "1.24000000"),
+                                              "final_prequant": (loss, bpb)}, bytes_total=1000)
+    assert summarize.flags_of(run) == (["non-finite final_prequant score"] if flagged else [])

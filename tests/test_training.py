@@ -5,6 +5,7 @@ import math
 import re
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ import torch.distributed as dist
 
 import train_gpt
 from conftest import (DIVERGING_LRS, REFERENCE, REFERENCE_RECIPE, ROOT, VirtualClock, assert_breakdown_adds_up,
-                      earlier_artifact, leftovers, logged_breakdown, one_error_line, randomize, run_script, signal_run,
-                      tiny_env)
+                      earlier_artifact, leftovers, logged_breakdown, one_error_line, randomize, realistic, run_main,
+                      run_script, signal_run, tiny_env)
 
 
 def train_losses(run) -> dict[int, float]:
@@ -336,6 +337,132 @@ def test_the_shared_clock_is_the_slowest_rank_s_and_carries_any_rank_s_nan_or_st
     other.update(bad=0.0, signum=float(signal.SIGTERM))
     with pytest.raises(train_gpt.Stopped):
         clock.read(900.0, 4, torch.tensor(2.0))
+
+
+def test_the_shared_clock_tells_an_infinite_loss_from_a_nan(cpu_runtime, monkeypatch):
+    """The kind of non-finite loss survives the all-reduce: inf on the other rank reads inf here (the divergence line
+    names it), nan reads nan, and this rank's own -inf reads inf too."""
+    other = {"bad": 1.0}
+
+    def all_reduce(t, op=dist.ReduceOp.SUM, group=None):
+        t.copy_(torch.maximum(t, torch.tensor([0.0, other["bad"], 0.0], dtype=t.dtype)))
+
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", all_reduce)
+    cpu_runtime.world = 2
+    clock = train_gpt.SharedClock(cpu_runtime)
+    assert clock.read(100.0, 1, torch.tensor(2.5)) == (100.0, 1, math.inf)
+    other["bad"] = 0.0
+    assert clock.read(200.0, 2, torch.tensor(-math.inf)) == (200.0, 2, math.inf)
+    assert math.isnan(clock.read(300.0, 3, torch.tensor(math.nan))[2])
+    assert clock.read(400.0, 4, torch.tensor(2.0)) == (400.0, 4, 2.0)
+
+
+class LateClock(train_gpt.SharedClock):
+    """The clock as it reads on CUDA: each read returns the step before this one (its loss has landed on the host)."""
+
+    def read(self, elapsed_ms, step, loss):
+        (step, loss), self.late = getattr(self, "late", (0, torch.zeros(()))), (step, loss.detach().clone())
+        return super().read(elapsed_ms, step, loss)
+
+
+@pytest.mark.parametrize("clock, bad_step, value", [("now", 3, math.inf), ("now", 4, math.nan), ("late", 4, math.nan),
+                                                    ("late", 2, math.inf)])
+def test_a_non_finite_loss_ends_training_at_its_step_the_last_one_included(tiny_args, cpu_runtime, monkeypatch, clock,
+                                                                           bad_step, value):
+    """Four steps; from step `bad_step` on the loss is inf or nan: training ends with Diverged naming that step and
+    value, before any weights are averaged or exported, also when it is the last step and the clock reads a step late
+    (as on CUDA, where the loop's own read of step 4 comes only after the loop)."""
+    args = tiny_args(ITERATIONS=4, TRAIN_LOG_EVERY=1000)
+    step = train_gpt.Trainer.step
+
+    def step_going_bad(self, i, scale):
+        ce = step(self, i, scale)
+        return torch.full_like(ce, value) if i + 1 >= bad_step else ce
+
+    monkeypatch.setattr(train_gpt.Trainer, "step", step_going_bad)
+    if clock == "late":
+        monkeypatch.setattr(train_gpt, "SharedClock", LateClock)
+    lines = []
+    trainer = train_gpt.Trainer(args, cpu_runtime, train_gpt.build_model(args), train_gpt.load_validation_tokens(args),
+                                lines.append)
+    with pytest.raises(train_gpt.Diverged, match=rf"^training diverged: train_loss {value} at step {bad_step}/4; ") \
+            as stop:
+        trainer.run()
+    assert stop.value.exit_code == 5 and "the EMA weights are" in str(stop.value)
+    assert not [line for line in lines if line.startswith("weight_avg:")]
+
+
+def test_the_first_stop_signal_is_the_one_reported(monkeypatch):
+    """torchrun forwards the signal it gets, so a rank may see SIGTERM and then SIGINT: the first one is reported,
+    with its exit status 128 + 15."""
+    monkeypatch.setattr(train_gpt.Stopped, "signum", 0)
+    train_gpt.Stopped.check()  # nothing pending: no stop
+    train_gpt.Stopped.note(signal.SIGTERM, None)
+    train_gpt.Stopped.note(signal.SIGINT, None)
+    with pytest.raises(train_gpt.Stopped, match="^SIGTERM$") as stop:
+        train_gpt.Stopped.check()
+    assert stop.value.exit_code == 143
+
+
+@pytest.mark.parametrize("pending", [signal.SIGINT, 0])
+def test_a_collective_broken_by_a_peer_that_stopped_ends_as_stopped(corpus, tmp_path, monkeypatch, capsys, pending):
+    """A peer that was stopped by a signal and left breaks this rank's collective; with a stop signal pending here too
+    (torchrun sends it to every rank), the run ends as stopped: the stop line and 128 + the signal. Without one, the
+    lost peer is the error (exit 1)."""
+    gone = "rank 0: all_reduce during training, step 3/12 failed: another rank has gone (Connection closed by peer)"
+
+    def broken(args, rt, log):
+        rt.phase = "training, step 3/12"
+        monkeypatch.setattr(train_gpt.Stopped, "signum", pending)
+        raise train_gpt.CollectiveFailed(gone, 1)
+
+    monkeypatch.setattr(train_gpt, "run", broken)
+    r = run_main(tmp_path, tiny_env(corpus, RUN_ID="peer"), monkeypatch, capsys)
+    expected = ("error: stopped by SIGINT during training, step 3/12; no artifact was written (an earlier one is left "
+                "as it was)") if pending else f"error: {gone}"
+    assert (r.code, r.stderr.splitlines()) == ((130 if pending else 1), [expected])
+    assert (tmp_path / "logs" / "peer.txt").read_text().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("timed_out", [True, False])
+def test_a_rank_other_than_0_prints_only_its_own_timeout(corpus, tmp_path, monkeypatch, capsys, timed_out):
+    """Rank 1 writes no log and prints nothing of its errors (rank 0 reports them), except a collective that timed out
+    on it (exit 7): it may be the only rank that knows why the run ended."""
+    message = ("rank 1: all_reduce during export failed: waited past COLLECTIVE_TIMEOUT_SECONDS=3" if timed_out else
+               "rank 1: all_reduce during export failed: another rank has gone (Connection closed by peer)")
+
+    def broken(args, rt, log):
+        raise train_gpt.CollectiveFailed(message, None if timed_out else 1)
+
+    monkeypatch.setattr(train_gpt, "run", broken)
+    monkeypatch.setattr(train_gpt.Stopped, "signum", 0)
+    r = run_main(tmp_path, tiny_env(corpus, RUN_ID="rank1", RANK=1), monkeypatch, capsys)
+    assert r.code == (7 if timed_out else 1)
+    assert r.stderr.splitlines() == ([f"error: {message}"] if timed_out else [])
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_size_estimate_counts_the_code_and_fits_exactly_at_the_cap(tiny_args, cpu_runtime):
+    """The early estimate's bytes are what an RTN export of those weights writes, its total adds this script's size,
+    and its verdict holds exactly at the cap and turns one byte below it."""
+    model = realistic(train_gpt.build_model(tiny_args()), seed=1)
+
+    def estimate(cap: int) -> str:
+        lines = []
+        size = train_gpt.SizeEstimate(cpu_runtime, lines.append, cap)
+        size.start(7, model)
+        size.finish()
+        assert len(lines) == 1
+        return lines[0]
+
+    m = re.fullmatch(r"size_estimate: weights at step 7 would compress to (\d+) bytes, (\d+) with the code, cap "
+                     r"1000000000 \(fits; int6 round-to-nearest\)", estimate(10**9))
+    model_bytes, total = int(m[1]), int(m[2])
+    export = train_gpt.build_artifact(model.state_dict(), SimpleNamespace(size_cap_bytes=10**9), log=lambda msg: None)
+    assert model_bytes == len(export) and total == model_bytes + len((ROOT / "train_gpt.py").read_bytes())
+    assert estimate(total).endswith(f"cap {total} (fits; int6 round-to-nearest)")
+    assert estimate(total - 1).endswith(f"cap {total - 1} (over: the export will coarsen it to fit; int6 "
+                                        f"round-to-nearest)")
 
 
 def test_two_processes_stop_together_at_the_cap(corpus, tmp_path):
