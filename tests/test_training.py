@@ -204,7 +204,8 @@ def test_one_and_two_processes_give_the_same_step_losses(twin_runs):
     a, b = train_losses(one), train_losses(two)
     assert sorted(a) == list(range(1, 7)) and sorted(b) == sorted(a)
     for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-4), f"step {step}"  # printed with 4 decimals; seen equal
+        # printed with 4 decimals: seen equal, but values 1e-7 apart may round one unit (1e-4) apart
+        assert b[step] == pytest.approx(a[step], abs=1.5e-4), f"step {step}"
     for label in ("step:3/6 val", "final_int6_lzma_roundtrip_exact", "final_ttt_exact"):
         # seen: equal to 4 decimals (periodic validation), within 1e-7 relative (the 8-decimal final lines)
         assert two.value(label, "val_bpb") == pytest.approx(one.value(label, "val_bpb"), rel=1e-6), label
