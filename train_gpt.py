@@ -126,6 +126,9 @@ class Hyperparameters:
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
         self.patch_size = knob("PATCH_SIZE", 8, lo=1)
+        # where patches end: every PATCH_SIZE bytes, or where words start (SpaceByte's rule, see patch_layout)
+        self.patching = knob("PATCHING", "fixed", str, choices=("fixed", "space"))
+        self.patch_max = knob("PATCH_MAX", self.patch_size, lo=1)  # space: longest patch (fixed: PATCH_SIZE)
         self.model_dim = knob("MODEL_DIM", 480, lo=2)
         self.num_heads = knob("NUM_HEADS", 6, lo=1)  # encoder query heads
         self.num_kv_heads = knob("NUM_KV_HEADS", 3, lo=1)  # encoder key/value heads (GQA)
@@ -153,6 +156,10 @@ class Hyperparameters:
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
         # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
+        # encoder positions per window; auto: window/PATCH_SIZE (fixed); space: one per 4.5 bytes, a multiple of 8
+        # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
+        self.patch_slots = knob("PATCH_SLOTS", None, int, lo=1) or (
+            self.window // self.patch_size if self.patching == "fixed" else -(-self.window // 36) * 8)
         # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
         per_step = 8 * self.train_seq_len
 
@@ -229,9 +236,17 @@ class Hyperparameters:
         """Combinations that cannot work; files are checked by `check_inputs`."""
         if 8 % self.world_size:
             raise ConfigError(f"WORLD_SIZE={self.world_size}: expected a divisor of 8 (1, 2, 4 or 8 processes)")
-        if self.window % self.patch_size:
+        if self.patching == "fixed" and self.window % self.patch_size:
             raise ConfigError(f"TRAIN_SEQ_LEN={self.train_seq_len}, PATCH_SIZE={self.patch_size}: "
                               f"TRAIN_SEQ_LEN+1 must be a multiple of PATCH_SIZE")
+        if self.patching == "fixed" and (self.patch_max, self.patch_slots) != (self.patch_size, self.window //
+                                                                                self.patch_size):
+            raise ConfigError(f"PATCH_MAX={self.patch_max}, PATCH_SLOTS={self.patch_slots}: they apply to "
+                              f"PATCHING=space (fixed patches are PATCH_SIZE={self.patch_size} bytes, "
+                              f"{self.window // self.patch_size} to a window)")
+        if not -(-self.window // self.patch_max) <= self.patch_slots <= self.window:
+            raise ConfigError(f"PATCH_SLOTS={self.patch_slots}: expected between the window's patches at PATCH_MAX="
+                              f"{self.patch_max} ({-(-self.window // self.patch_max)}) and its bytes ({self.window})")
         per_step = 8 * self.train_seq_len  # world_size x grad_accum_steps x sequence
         for name, value in (("TRAIN_BATCH_TOKENS", self.train_batch_tokens), ("VAL_BATCH_SIZE", self.val_batch_size)):
             if value % per_step:
@@ -618,18 +633,21 @@ class SmearGate(nn.Module):
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
-def sigreg(z: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
+def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17,
+           t_max: float = 3.0) -> Tensor:
     """Sketched isotropic-Gaussian regulariser: project z (N, D) on unit directions (D, S) and measure, per
     projection, the Gaussian-windowed squared distance between the empirical characteristic function and the
     standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
     marginals, so the targets can neither collapse nor drift in scale. Computed in fp32: the phases t*x need
-    more precision than bf16 has."""
+    more precision than bf16 has. `weight`: 1 for the rows of z to count, 0 for the others (padding patches)."""
     with torch.autocast("cuda", enabled=False):  # the only autocast this script enables
         proj = z.float() @ directions
         t = torch.linspace(0.0, t_max, knots, device=z.device)
         phase = proj.unsqueeze(-1) * t
         normal_cf = torch.exp(-0.5 * t.square())
-        err = (phase.cos().mean(0) - normal_cf).square() + phase.sin().mean(0).square()
+        w = None if weight is None else weight.reshape(-1, 1, 1) / weight.sum()
+        mean = (lambda v: v.mean(0)) if w is None else (lambda v: (v * w).sum(0))
+        err = (mean(phase.cos()) - normal_cf).square() + mean(phase.sin()).square()
         trapezoid = torch.full_like(t, t_max / (knots - 1))
         trapezoid[0] = trapezoid[-1] = trapezoid[0] / 2
         return (err * normal_cf * trapezoid).sum(-1).mean()
@@ -642,11 +660,39 @@ def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) ->
     return d / d.norm(dim=0, keepdim=True)
 
 
+def spacelike(ids: Tensor) -> Tensor:
+    """SpaceByte's spacelike bytes: neither an ASCII letter or digit nor a UTF-8 continuation byte (BOS is one)."""
+    b = ids - BYTE_OFFSET
+    return ~(((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122)) | ((b >= 128) & (b < 192)))
+
+
+def patch_layout(ids: Tensor, patching: str, P: int, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L) window -> each byte's patch (< PATCH_SLOTS) and slot in it (< PATCH_MAX), patched from the window's
+    first byte, and the first byte of each window's capped tail (L: none). fixed: every PATCH_SIZE bytes. space: a
+    patch starts at byte i when byte i-1 is spacelike and byte i-2 is not, when byte i-1 is BOS, or when the patch
+    holds PATCH_MAX bytes: byte i's patch depends on bytes < i only. Budget: from the first byte at which the patches
+    so far plus PATCH_MAX-byte ones for the rest would exceed PATCH_SLOTS, the window's tail is cut into PATCH_MAX-byte
+    patches; no byte is dropped, and that rule too reads only bytes < i. Data-dependent values, static shapes."""
+    B, L = ids.shape
+    pos = torch.arange(L, device=ids.device)
+    if patching == "fixed":
+        return (pos // P).expand(B, L), (pos % P).expand(B, L), torch.full((B, 1), L, device=ids.device)
+    space = spacelike(ids)
+    start = ((F.pad(space[:, :-1], (1, 0), value=True) & ~F.pad(space[:, :-2], (2, 0), value=True))
+             | F.pad(ids[:, :-1] == BOS_ID, (1, 0), value=True))  # byte 0 starts the window's first patch
+    start |= (pos - torch.where(start, pos, 0).cummax(dim=1).values) % P == 0
+    over = start.cumsum(dim=1) + (L - 2 - pos + P) // P > slots  # patches through i + ceil((L-1-i)/P)
+    tail = torch.where(over, pos, L).amin(dim=1, keepdim=True)
+    start = torch.where(pos >= tail, (pos - tail) % P == 0, start)
+    return start.cumsum(dim=1) - 1, pos - torch.where(start, pos, 0).cummax(dim=1).values, tail
+
+
 class ByteJEPA(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        d, V, P, L, dd = args.model_dim, args.vocab_size, args.patch_size, args.latent_dim, args.decoder_dim
-        self.patch_size, self.latent_norm, self.latent_per_slot = P, args.latent_norm, args.latent_per_slot
+        d, V, P, L, dd = args.model_dim, args.vocab_size, args.patch_max, args.latent_dim, args.decoder_dim
+        self.patching, self.patch_max, self.slots = args.patching, P, args.patch_slots
+        self.latent_norm, self.latent_per_slot = args.latent_norm, args.latent_per_slot
         cond = P * dd if args.latent_per_slot else dd  # per patch: one vector per byte slot, or one for all
         self.byte_emb = nn.Embedding(V, d)
         self.slot_pos = nn.Parameter(torch.randn(P, d) * 0.02)
@@ -671,15 +717,34 @@ class ByteJEPA(nn.Module):
         self.smear = SmearGate(dd) if args.smear_gate else None
         self.softcap = args.logit_softcap
 
-    def embed_patches(self, ids: Tensor) -> Tensor:
-        """(B, L) bytes -> (B, L/P, d): each slot's byte (+ n-grams ending there) + position vector normalised,
+    def layout(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        return patch_layout(ids, self.patching, self.patch_max, self.slots)[:2]
+
+    def to_slots(self, x: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
+        """(B, L, D) per byte -> (B, S, P, D): each byte at its patch's slot, zeros in slots no byte fills."""
+        B, L, D = x.shape
+        if self.patching == "fixed":
+            return x.view(B, L // self.patch_max, self.patch_max, D)
+        index = (patch * self.patch_max + slot)[..., None].expand(-1, -1, D)
+        return x.new_zeros(B, self.slots * self.patch_max, D).scatter(1, index, x).view(B, self.slots, -1, D)
+
+    def to_bytes(self, c: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
+        """(B, S, D) per patch -> per byte: its slot's part (B, L, D/P) (per-slot latents), or its patch's (B, L, D)."""
+        B, S, D = c.shape
+        P = self.patch_max
+        if self.patching == "fixed":
+            return c.view(B, -1, D // P) if self.latent_per_slot else c.repeat_interleave(P, dim=1)
+        if self.latent_per_slot:
+            c, patch = c.view(B, -1, D // P), patch * P + slot
+        return c.gather(1, patch[..., None].expand(-1, -1, c.size(-1)))
+
+    def embed_patches(self, ids: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
+        """(B, L) bytes -> (B, S, d): each slot's byte (+ n-grams ending there) + position vector normalised,
         concatenated, projected."""
-        B, L = ids.shape
         x = self.byte_emb(ids)
         if self.patch_ngrams is not None:
             x = x + self.patch_ngrams(ids)
-        x = x.view(B, L // self.patch_size, self.patch_size, -1) + self.slot_pos
-        return self.patch_proj(rms_norm(x).flatten(2))
+        return self.patch_proj(rms_norm(self.to_slots(x, patch, slot) + self.slot_pos).flatten(2))
 
     def encode(self, patches: Tensor) -> Tensor:
         """Causal encoder over patches; its output at patch p has seen bytes of patches <= p only."""
@@ -689,22 +754,18 @@ class ByteJEPA(nn.Module):
                 x = block(x, patches)
         return rms_norm(x)
 
-    def conditioning(self, latents: Tensor) -> list[Tensor]:
-        """(B, N, latent) -> one (B, N*P, dd) input per fed decoder block: computed once per patch, then
+    def conditioning(self, latents: Tensor, patch: Tensor, slot: Tensor) -> list[Tensor]:
+        """(B, S, latent) -> one (B, L, dd) input per fed decoder block: computed once per patch, then
         expanded to its bytes (the same vector for each, or each slot's own part)."""
-        B, N, _ = latents.shape
         latents = rms_norm(latents) if self.latent_norm else latents
-        conds = [proj(latents) for proj in (self.latent_in, *self.latent_inject)]
-        if self.latent_per_slot:
-            return [c.view(B, N * self.patch_size, -1) for c in conds]
-        return [c.repeat_interleave(self.patch_size, dim=1) for c in conds]
+        return [self.to_bytes(proj(latents), patch, slot) for proj in (self.latent_in, *self.latent_inject)]
 
-    def decode(self, ids: Tensor, predicted: Tensor) -> Tensor:
+    def decode(self, ids: Tensor, predicted: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
         """Decoder states (B, L, dd). Byte i of patch p reads byte i-1 (BOS for i = 0) and the latent predicted
         from patches < p (the start latent for p = 0), so its state depends on bytes < i only."""
         B, L = ids.shape
         start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
-        conds = self.conditioning(torch.cat((start, predicted[:, :-1]), dim=1))
+        conds = self.conditioning(torch.cat((start, predicted[:, :-1]), dim=1), patch, slot)
         prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
         x = self.dec_emb(prev) + conds[0]
         if self.dec_ngrams is not None:
@@ -716,14 +777,15 @@ class ByteJEPA(nn.Module):
             x = block(x + conds[i] if 0 < i < len(conds) else x, x0)
         return rms_norm(x)
 
-    def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The one forward path: patch embeddings, predicted next-patch latents, decoder states."""
-        patches = self.embed_patches(ids)
+    def hidden_states(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The one forward path: patch embeddings, predicted next-patch latents, decoder states, byte patches."""
+        patch, slot = self.layout(ids)
+        patches = self.embed_patches(ids, patch, slot)
         predicted = self.predictor(self.encode(patches))
-        return patches, predicted, self.decode(ids, predicted)
+        return patches, predicted, self.decode(ids, predicted, patch, slot), patch
 
     def forward_logits(self, ids: Tensor) -> Tensor:
-        """(B, L) ids, L a multiple of PATCH_SIZE -> (B, L, V) float logits; position i predicts ids[:, i]."""
+        """(B, L) ids (fixed: L a multiple of PATCH_SIZE) -> (B, L, V) float logits; position i predicts ids[:, i]."""
         return self.logits(self.hidden_states(ids)[2])
 
     def logits(self, h: Tensor) -> Tensor:
@@ -734,15 +796,20 @@ class ByteJEPA(nn.Module):
     def forward(self, ids: Tensor, directions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Training terms on windows (B, L): mean byte CE over positions 1.. (position 0 is context only), and,
         given SIGReg directions, the JEPA prediction MSE and SIGReg of the targets (else zeros)."""
-        patches, predicted, h = self.hidden_states(ids)
+        patches, predicted, h, patch = self.hidden_states(ids)
         logits = self.logits(h[:, 1:])
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
         if directions is None:
             zero = ce.new_zeros(())
             return ce, zero, zero
         targets = self.projector(patches)
-        mse = F.mse_loss(predicted[:, :-1].float(), targets[:, 1:].detach().float())
-        return ce, mse, sigreg(targets.reshape(-1, targets.size(-1)), directions)
+        if self.patching == "fixed":
+            mse, real = F.mse_loss(predicted[:, :-1].float(), targets[:, 1:].detach().float()), None
+        else:  # the padding patches after a window's last real one are neither targets nor predicted
+            real = (torch.arange(self.slots, device=ids.device) <= patch[:, -1:]).float()
+            err = (predicted[:, :-1].float() - targets[:, 1:].detach().float()).square().mean(-1)
+            mse = (err * real[:, 1:]).sum() / real[:, 1:].sum()
+        return ce, mse, sigreg(targets.reshape(-1, targets.size(-1)), directions, real)
 
 
 def build_model(args: Hyperparameters) -> ByteJEPA:
@@ -758,13 +825,13 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the backward of x @ W
     gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash attention's recomputation in
     its backward is not counted (model FLOPs, the MFU convention)."""
-    d, P, L, T, m, dd = args.model_dim, args.patch_size, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
-    patches, W = T // P, min(args.decoder_window or T, T)
+    d, P, L, T, m, dd = args.model_dim, args.patch_max, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
+    patches, W = args.patch_slots, min(args.decoder_window or T, T)  # the encoder runs on every slot, padding too
     kv = args.num_kv_heads * (d // args.num_heads)
     causal_pairs = lambda n: n * (n + 1) / 2
     encoder_apps = args.num_layers * args.encoder_repeats
     head_hidden = 2 * (d * m * d + m * d * L)  # LatentHead: d -> m*d -> L
-    conditioning = args.latent_inject_layers * 2 * L * dd * (T if args.latent_per_slot else patches)
+    conditioning = args.latent_inject_layers * 2 * L * dd * (patches * P if args.latent_per_slot else patches)
     f = dict(
         patch_embedding=2 * P * d * d * patches,
         encoder_blocks=encoder_apps * patches * 2 * (2 * d * d + 2 * d * kv + 2 * m * d * d),
@@ -1594,13 +1661,13 @@ class Breakdown:
         self.doc_starts = np.union1d(0, np.flatnonzero(tokens == BOS_ID))  # the stream's start counts as one
         doc_lows = [0] + [1 << k for k in range(17)]  # 0 (the BOS itself), 1, 2-3, ..., 65536+
         context_lows = [1] + [1 << k for k in range(1, args.window.bit_length()) if 1 << k < args.window]
-        groupings = {"slot": range(args.patch_size), "class": BYTE_CLASSES, "doc_pos": range_labels(doc_lows, None),
+        groupings = {"slot": range(args.patch_max), "class": BYTE_CLASSES, "doc_pos": range_labels(doc_lows, None),
                      "context": range_labels(context_lows, args.window)}
         ends = np.cumsum([len(buckets) for buckets in groupings.values()]).tolist()
         self.rows = [slice(end - len(buckets), end) for end, buckets in zip(ends, groupings.values())]
         self.labels = [f"{name}:{b}" for name, buckets in groupings.items() for b in buckets]
         self.pos = torch.arange(args.window, device=device)
-        self.slot = self.pos % args.patch_size
+        self.layout = functools.partial(patch_layout, patching=args.patching, P=args.patch_max, slots=args.patch_slots)
         self.context = torch.bucketize(self.pos, torch.tensor(context_lows[1:], device=device), right=True)
         self.classes = torch.tensor([byte_class(t) for t in range(args.vocab_size)], device=device)
         self.doc_lows = torch.tensor(doc_lows[1:], device=device)
@@ -1613,7 +1680,7 @@ class Breakdown:
         doc_pos = self.pos - last_start.cummax(dim=1).values
         by_position, flat = per_target.sum(0), per_target.flatten(0, 1)  # by position: summed over windows first
         slot, byte, doc, context = self.rows
-        buckets[slot].index_add_(0, self.slot, by_position)
+        buckets[slot].index_add_(0, self.layout(ids)[1].flatten(), flat)
         buckets[byte].index_add_(0, self.classes[ids].flatten(), flat)
         buckets[doc].index_add_(0, torch.bucketize(doc_pos, self.doc_lows, right=True).flatten(), flat)
         buckets[context].index_add_(0, self.context, by_position)
@@ -1845,6 +1912,19 @@ def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
     log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
 
 
+def log_patching(args: Hyperparameters, rt: Runtime, tokens: np.ndarray, split: str, log) -> None:
+    """How the split's consecutive windows are patched: mean and longest patch, and the share of bytes in tails cut
+    into PATCH_MAX-byte patches because a window ran out of slots (patch_layout)."""
+    W, n, patches, longest, capped = args.window, len(tokens) // args.window, 0, 0, 0
+    for i in range(0, n, 1024):
+        ids = to_device(torch.from_numpy(tokens[i * W:min(n, i + 1024) * W].astype(np.int64)).view(-1, W), rt.device)
+        patch, slot, tail = patch_layout(ids, args.patching, args.patch_max, args.patch_slots)
+        patches, capped = patches + (patch[:, -1] + 1).sum().item(), capped + (W - tail).sum().item()
+        longest = max(longest, slot.max().item() + 1)
+    log(f"patching: {args.patching} mean_len:{n * W / max(patches, 1):.2f} max_len:{longest} "
+        f"capped:{100 * capped / max(n * W, 1):.3f}% ({split}: {n} windows of {W} bytes, {args.patch_slots} slots)")
+
+
 def log_peak_memory(rt: Runtime, log) -> None:
     log((f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
          f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB") if rt.cuda else
@@ -1913,6 +1993,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))
     log(f"model_params:{sum(p.numel() for p in model.parameters())} (stored: {stored})")
     log_flops(args, rt, log)
+    first = load_data_shard(shard_paths(args.data_path, "train")[0], args.vocab_size)[:4 * args.train_batch_tokens]
+    log_patching(args, rt, first, "training, the first 4 steps' bytes", log)
     trainer = Trainer(args, rt, model, val_tokens, log)
     facts.update(trainer.run())
     hessians = None
@@ -1938,6 +2020,7 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     log_run_header(args, rt, log)
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
+    log_patching(args, rt, val_tokens, "validation", log)
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
     rt.artifact = path

@@ -83,6 +83,37 @@ def test_rebalanced_decoder_is_causal(tiny_args, patch, window):
     assert_causal(model, ids, range(args.window))
 
 
+TEXT = "Caf\u00e9 au lait, s'il vous pla\u00eet!  x=42; \u00c7a va?\n\u2014 Fin.\t(ok) \u65e5\u672c word-break end."
+
+
+def text_ids(length: int, bos_at=(0, 21)) -> torch.Tensor:
+    """A window of real text: spaces, punctuation, digits, 2- and 3-byte UTF-8, and BOS at the given positions."""
+    data = (TEXT * 8).encode()
+    ids = torch.tensor([b + train_gpt.BYTE_OFFSET for b in data[:length]])
+    ids[list(bos_at)] = train_gpt.BOS_ID
+    return ids
+
+
+@pytest.mark.parametrize("slots", [32, 10])  # 32: room for every word; 10: the tail is cut into PATCH_MAX bytes
+@pytest.mark.parametrize("window", [0, 16])
+def test_word_patches_are_causal(tiny_args, window, slots):
+    """PATCHING=space, every knob on, decoder window on and off: for every byte j, replacing it with a space, a
+    letter, a continuation byte or BOS (each moving patch boundaries) leaves the logits of positions <= j
+    bit-identical, whether j starts, ends or sits inside a patch."""
+    args = tiny_args(**dict(REBALANCED, PATCHING="space", PATCH_MAX=8, DECODER_WINDOW=window, PATCH_SLOTS=slots))
+    model = randomize(train_gpt.build_model(args)).eval()
+    ids = torch.stack((text_ids(args.window), text_ids(args.window, bos_at=(0, 5, 40))))
+    patch, _, tail = train_gpt.patch_layout(ids, "space", args.patch_max, args.patch_slots)
+    assert ((tail < args.window).any() if slots == 10 else (tail == args.window).all()) and patch.max() > args.window // 8
+    base = model.forward_logits(ids)
+    for j in range(args.window):
+        for byte in (ord(" ") + 4, ord("q") + 4, 0x85 + 4, train_gpt.BOS_ID):
+            changed = ids.clone()
+            changed[:, j] = byte
+            out = model.forward_logits(changed)
+            assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} became {byte}"
+
+
 def test_knobs_off_reproduce_the_reference_model(tiny_args):
     """With every issue-9 knob at its off value, the model is the one before them, bit for bit: values
     recorded from commit 5d1224c (same seed, same inputs; the zero-initialised matrices given the same
@@ -175,14 +206,15 @@ def test_latent_conditioning_per_slot_and_injected(tiny_args):
     assert not model.latent_in.weight.any() and not model.latent_inject[0].weight.any()
     randomize(model)
     latents = torch.randn(1, 3, args.latent_dim)
-    conds = model.conditioning(latents)
+    layout = model.layout(torch.zeros(1, 3 * args.patch_size, dtype=torch.long))
+    conds = model.conditioning(latents, *layout)
     assert len(conds) == 2 and conds[0].shape == (1, 3 * args.patch_size, 32)
     normed = train_gpt.rms_norm(latents)
     for p in range(3):
         parts = model.latent_in(normed[:, p]).view(args.patch_size, 32)
         torch.testing.assert_close(conds[0][0, p * args.patch_size:(p + 1) * args.patch_size], parts)
     shared = train_gpt.build_model(tiny_args(LATENT_PER_SLOT=0, LATENT_INJECT_LAYERS=1, LATENT_NORM=0))
-    assert torch.equal(shared.conditioning(latents)[0][0, :4], shared.latent_in(latents)[0, :1].expand(4, -1))
+    assert torch.equal(shared.conditioning(latents, *layout)[0][0, :4], shared.latent_in(latents)[0, :1].expand(4, -1))
 
 
 def test_latent_reaches_the_first_inject_layers_blocks(tiny_args):
@@ -195,9 +227,9 @@ def test_latent_reaches_the_first_inject_layers_blocks(tiny_args):
         block.register_forward_hook(lambda m, a, out: inputs.append((a[0], out)))
     ids = torch.randint(4, 260, (1, args.window), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        _, predicted, _ = model.hidden_states(ids)
+        _, predicted, _, _ = model.hidden_states(ids)
         start = model.start_latent.expand(1, 1, -1)
-        conds = model.conditioning(torch.cat((start, predicted[:, :-1]), dim=1))
+        conds = model.conditioning(torch.cat((start, predicted[:, :-1]), dim=1), *model.layout(ids))
         prev = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=train_gpt.BOS_ID)
     assert len(conds) == 2 and len(inputs) == 3
     torch.testing.assert_close(inputs[0][0], model.dec_emb(prev) + conds[0])
@@ -302,7 +334,7 @@ def test_patch_embedding_reads_only_its_own_patch_and_the_ngrams_ending_in_it(ti
     ids = torch.randint(4, 260, (1, args.window))
     changed = ids.clone()
     changed[0, 5] += 1
-    a, b = model.embed_patches(ids), model.embed_patches(changed)
+    a, b = (model.embed_patches(x, *model.layout(x)) for x in (ids, changed))
     differs = (a - b).abs().amax(dim=-1)[0] > 0
     assert differs.tolist() == [i == 1 or (ngrams and i == 2) for i in range(args.window // args.patch_size)]
 
