@@ -1,7 +1,11 @@
 """Model: the reference's parameter count, causality through forward_logits, the pieces' numerics."""
 
+import itertools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt
 from conftest import REFERENCE, ROOT, TINY, randomize, realistic
@@ -83,6 +87,76 @@ def test_rebalanced_decoder_is_causal(tiny_args, patch, window):
     assert_causal(model, ids, range(args.window))
 
 
+def segments(ids: torch.Tensor, patch: torch.Tensor) -> str:
+    """A window's patches as text, "|" between patches, "^" for BOS."""
+    out = {}
+    for b, p in zip(ids.tolist(), patch.tolist()):
+        out.setdefault(p, bytearray()).append(ord("^") if b == train_gpt.BOS_ID else b - train_gpt.BYTE_OFFSET)
+    return "|".join(bytes(v).decode() for v in out.values())
+
+
+@pytest.mark.parametrize("slots,tail,expected", [
+    (40, 54, "^|Hello,| world!| \u00c7a |va?|\n^|abcdefgh|ijklmnop|qrstuvwx|yz |end"),
+    # 9 slots: at byte 19 ("v") the 5 patches begun plus ceil(34 / 8) for the rest would be 10: from there, 8 bytes each
+    (9, 19, "^|Hello,| world!| \u00c7a |va?\n^abc|defghijk|lmnopqrs|tuvwxyz |end")])
+def test_word_patches_of_a_hand_made_text(slots, tail, expected):
+    """By hand: a patch starts after a spacelike byte that follows a non-spacelike one ("Hello," then " world!",
+    "va?" then "\\n"; "\u00c7"'s lead byte is spacelike, its continuation byte is not), after BOS, and after 8
+    bytes; a tight budget cuts the tail into 8-byte patches (there a document may start inside a patch)."""
+    ids = torch.tensor([[1] + [b + 4 for b in "Hello, world! \u00c7a va?\n".encode()] + [1]
+                        + [b + 4 for b in b"abcdefghijklmnopqrstuvwxyz end"]])
+    assert ids.size(1) == 54
+    patch, slot, first_capped = train_gpt.patch_layout(ids, "space", 8, slots)
+    assert first_capped.item() == tail and segments(ids[0], patch[0]) == expected
+    assert slot[0, :9].tolist() == [0, 0, 1, 2, 3, 4, 5, 0, 1]
+
+
+def reference_layout(ids: list[int], P: int, slots: int) -> tuple[list[int], list[int]]:
+    """patch_layout written out byte by byte: the rule, the length cap, then the budget's tail."""
+    spacelike = [not (0 <= b - 4 < 128 and chr(b - 4).isalnum() or 128 <= b - 4 < 192) for b in ids]
+    starts, length = [], 0
+    for i in range(len(ids)):
+        word = i == 0 or ids[i - 1] == train_gpt.BOS_ID or (spacelike[i - 1] and i >= 2 and not spacelike[i - 2])
+        length = 1 if word or length == P else length + 1
+        starts.append(length == 1)
+    tail = next((i for i in range(len(ids)) if sum(starts[:i + 1]) + math.ceil((len(ids) - 1 - i) / P) > slots),
+                len(ids))
+    starts = starts[:tail] + [(i - tail) % P == 0 for i in range(tail, len(ids))]
+    patch = list(itertools.accumulate(starts))
+    slot, last = [], 0
+    for i, s in enumerate(starts):
+        last = i if s else last
+        slot.append(i - last)
+    return [p - 1 for p in patch], slot
+
+
+@pytest.mark.parametrize("P", [3, 8, 12])
+def test_word_patches_match_the_rule_written_out_and_keep_every_byte(P):
+    """Text and random bytes, budgets from the fewest slots allowed to one per byte: patch_layout equals the rule
+    applied byte by byte; every byte has one (patch, slot), slots count up from 0 within a patch, no patch
+    exceeds PATCH_MAX or the budget."""
+    g = torch.Generator().manual_seed(P)
+    rows = [text_ids(96, bos_at=(0, 50)), torch.randint(1, 260, (96,), generator=g), text_ids(96, bos_at=(3,))]
+    ids = torch.stack(rows)
+    for slots in (math.ceil(96 / P), 20, 40, 96):
+        if slots < math.ceil(96 / P):
+            continue
+        patch, slot, _ = train_gpt.patch_layout(ids, "space", P, slots)
+        for row in range(3):
+            assert (patch[row].tolist(), slot[row].tolist()) == reference_layout(ids[row].tolist(), P, slots)
+        assert patch.max() < slots and slot.max() < P
+        flat = patch * P + slot  # distinct within a window: no byte shares a place, none is dropped
+        assert all(len(set(r.tolist())) == 96 for r in flat)
+
+
+def test_fixed_patches_are_every_patch_size_bytes():
+    ids = text_ids(64)[None]
+    patch, slot, tail = train_gpt.patch_layout(ids, "fixed", 4, 16)
+    assert patch[0].tolist() == [i // 4 for i in range(64)] and slot[0].tolist() == [i % 4 for i in range(64)]
+    assert tail.item() == 64
+
+
+SPACE = dict(PATCHING="space", PATCH_MAX=8, PATCH_SLOTS=24)  # 64-byte windows: room for every word of TEXT
 TEXT = "Caf\u00e9 au lait, s'il vous pla\u00eet!  x=42; \u00c7a va?\n\u2014 Fin.\t(ok) \u65e5\u672c word-break end."
 
 
@@ -104,7 +178,8 @@ def test_word_patches_are_causal(tiny_args, window, slots):
     model = randomize(train_gpt.build_model(args)).eval()
     ids = torch.stack((text_ids(args.window), text_ids(args.window, bos_at=(0, 5, 40))))
     patch, _, tail = train_gpt.patch_layout(ids, "space", args.patch_max, args.patch_slots)
-    assert ((tail < args.window).any() if slots == 10 else (tail == args.window).all()) and patch.max() > args.window // 8
+    assert (tail < args.window).any() if slots == 10 else (tail == args.window).all()
+    assert patch.max() + 1 > args.window // 8  # more patches than 8-byte ones would give
     base = model.forward_logits(ids)
     for j in range(args.window):
         for byte in (ord(" ") + 4, ord("q") + 4, 0x85 + 4, train_gpt.BOS_ID):
@@ -112,6 +187,25 @@ def test_word_patches_are_causal(tiny_args, window, slots):
             changed[:, j] = byte
             out = model.forward_logits(changed)
             assert torch.equal(out[:, :j + 1], base[:, :j + 1]), f"logits up to {j} moved when byte {j} became {byte}"
+
+
+def test_word_patches_jepa_terms_skip_the_padding_patches(tiny_args):
+    """Under space, the MSE pairs each real patch's prediction with the next real patch's target and SIGReg sees
+    the real patches' targets only: both equal the terms over the real patches, selected by hand."""
+    args = tiny_args(**SPACE)
+    model = randomize(train_gpt.build_model(args)).eval()
+    ids = torch.stack((text_ids(args.window), text_ids(args.window, bos_at=(0, 5, 40))))
+    directions = train_gpt.sigreg_directions(args.latent_dim, 16, 5, torch.device("cpu"))
+    with torch.no_grad():
+        ce, mse, reg = model(ids, directions)
+        patches, predicted, _, patch = model.hidden_states(ids)
+        targets = model.projector(patches)
+    real = (patch[:, -1] + 1).tolist()
+    assert all(8 < n < args.patch_slots for n in real), real  # padding patches after each window's last real one
+    pairs = [(predicted[b, :n - 1], targets[b, 1:n]) for b, n in enumerate(real)]
+    torch.testing.assert_close(mse, F.mse_loss(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs])))
+    torch.testing.assert_close(reg, train_gpt.sigreg(torch.cat([targets[b, :n] for b, n in enumerate(real)]),
+                                                     directions))
 
 
 def test_knobs_off_reproduce_the_reference_model(tiny_args):
@@ -380,13 +474,14 @@ def counted_flops(args, training: bool, windows: int = 2) -> tuple[float, float]
     return (counter.get_total_flops() - attention) / per_byte, attention / per_byte
 
 
-@pytest.mark.parametrize("size", ["tiny", "default", "rebalanced", "recipe"])
+@pytest.mark.parametrize("size", ["tiny", "default", "rebalanced", "recipe", "space"])
 @pytest.mark.parametrize("training", [True, False])
 def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, training):
     if size == "default":
         args = default_args(monkeypatch)
     else:  # grouped-query attention in the encoder
-        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **dict(rebalanced=REBALANCED, recipe=RECIPE).get(size, {}))
+        knobs = dict(rebalanced=REBALANCED, recipe=RECIPE, space=SPACE).get(size, {})
+        args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **knobs)
     analytic = train_gpt.flops_per_byte(args, training)
     attention = analytic["encoder_attention"] + analytic["decoder_attention"]
     linear, counted_attention = counted_flops(args, training)
@@ -394,7 +489,7 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     # the counter's dense encoder attention is the causal count scaled by n^2 / (n (n+1) / 2) for n queries; the
     # decoder's is T^2 keys, or with a window W, blocks of W queries against 2W keys (the analytic count is the
     # causal window's: query i meets min(i+1, W) keys)
-    patches, T = args.window // args.patch_size, args.window
+    patches, T = args.patch_slots, args.window
     W = args.decoder_window if args.decoder_window < T else 0  # a window as long as the sequence is no window
     keys = T * T if not W else -(-T // W) * W * 2 * W
     decoder = (3 if training else 1) * args.decoder_layers * 4 * args.decoder_dim * keys / args.train_seq_len
