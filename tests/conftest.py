@@ -93,6 +93,10 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+# word patches on the tiny windows (64 bytes): room for 24 patches, so random bytes also reach the budget's tail
+WORD_PATCHES = dict(PATCHING="space", PATCH_MAX=8, PATCH_SLOTS=24)
+
+
 def tiny_env(corpus: Path, **overrides) -> dict:
     env = dict(TINY, DATA_PATH=str(corpus), TOKENIZER_PATH=str(corpus / "tokenizer.json"))
     env.update({k: str(v) for k, v in overrides.items()})

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import (ROOT, VirtualClock, assert_breakdown_adds_up, leftovers, logged_breakdown, one_error_line,
-                      randomize, run_script, signal_run, tiny_env)
+from conftest import (ROOT, WORD_PATCHES, VirtualClock, assert_breakdown_adds_up, leftovers, logged_breakdown,
+                      one_error_line, randomize, run_script, signal_run, tiny_env)
 
 
 def stream(n: int, seed: int = 0) -> np.ndarray:
@@ -111,10 +111,11 @@ def test_document_position_counts_from_the_last_bos_in_the_stream(tiny_args, cpu
 
 
 @pytest.mark.parametrize("adapt", [False, True])
-def test_breakdown_adds_up_to_the_headline_sums(tiny_args, cpu_runtime, adapt):
+@pytest.mark.parametrize("patching", [{}, WORD_PATCHES], ids=["fixed", "space"])
+def test_breakdown_adds_up_to_the_headline_sums(tiny_args, cpu_runtime, adapt, patching):
     """A randomized model, standard evaluation and score-first TTT over 5 chunks: over each grouping the buckets'
     nats, targets and bytes equal the headline's, in the sums and on the logged lines."""
-    args = tiny_args(TTT_LR=0.05, EVAL_MAX_SECONDS=1e6)
+    args = tiny_args(TTT_LR=0.05, EVAL_MAX_SECONDS=1e6, **patching)
     model = randomize(train_gpt.build_model(args)).eval()
     tokens = stream(1100, seed=1)
     totals = (train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, True, 0.0)[0]
@@ -204,8 +205,10 @@ def direct_sliding_nll(model, tokens: np.ndarray, window: int, stride: int) -> t
     return total, nbytes
 
 
-def test_sliding_evaluation_equals_a_direct_per_target_computation(tiny_args, cpu_runtime):
-    args = tiny_args(VAL_SLIDING_STRIDE=24, TTT_CHUNK_TOKENS=64 * 100)
+@pytest.mark.parametrize("patching", [{}, WORD_PATCHES], ids=["fixed", "space"])
+def test_sliding_evaluation_equals_a_direct_per_target_computation(tiny_args, cpu_runtime, patching):
+    """Each target scored once, in the window the stride rule gives it (patched from the window's own start)."""
+    args = tiny_args(VAL_SLIDING_STRIDE=24, TTT_CHUNK_TOKENS=64 * 100, **patching)
     model = randomize(train_gpt.build_model(args)).eval()
     tokens = stream(203, seed=3)
     totals, _ = train_gpt.evaluate_score_first(model, tokens, args, cpu_runtime, lambda m: None, False, 0.0)
@@ -214,8 +217,9 @@ def test_sliding_evaluation_equals_a_direct_per_target_computation(tiny_args, cp
     assert totals.values[0].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_standard_evaluation_scores_the_tail_too(tiny_args, cpu_runtime):
-    args = tiny_args()
+@pytest.mark.parametrize("patching", [{}, WORD_PATCHES], ids=["fixed", "space"])
+def test_standard_evaluation_scores_the_tail_too(tiny_args, cpu_runtime, patching):
+    args = tiny_args(**patching)
     model = randomize(train_gpt.build_model(args)).eval()
     tokens = stream(64 * 3 + 10)
     totals = train_gpt.evaluate_standard(model, tokens, args, cpu_runtime)
@@ -249,11 +253,12 @@ def test_ttt_adapts_after_scoring_the_first_chunk(tiny_args, cpu_runtime):
     assert ttt.targets == sliding.targets == 1099
 
 
+@pytest.mark.parametrize("patching", [{}, WORD_PATCHES], ids=["fixed", "space"])
 @pytest.mark.parametrize("k", [0, 2])
-def test_ttt_scores_never_see_later_chunks(tiny_args, cpu_runtime, k):
+def test_ttt_scores_never_see_later_chunks(tiny_args, cpu_runtime, k, patching):
     """Legality: changing the validation bytes of chunk k+1 and later leaves every score of chunks <= k
     bit-identical, with adaptation on."""
-    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=2)
+    args = tiny_args(TTT_LR=0.05, TTT_EPOCHS=2, **patching)
     a = stream(1200, seed=4)
     b = a.copy()
     b[(k + 1) * 256:] = stream(1200 - (k + 1) * 256, seed=5)
@@ -407,6 +412,29 @@ def test_end_to_end_eval_lines_and_budget_stop(corpus, tmp_path):
     assert run.lines("eval_total_time:") and "projected_8gpu:" in run.lines("eval_total_time:")[0]
     scored = run.lines("ttt_targets_scored:")[0]
     assert scored.endswith(" ok")
+
+
+def test_word_patches_end_to_end(corpus, tmp_path):
+    """PATCHING=space through a real run: the patching lines (training and validation), every evaluation scoring
+    each validation target once, the breakdown's slots those of the word patches, adding up."""
+    run = run_script(tmp_path, tiny_env(corpus, ITERATIONS=3, SLIDING_EVAL=1, EVAL_MAX_SECONDS=1e6, **WORD_PATCHES),
+                     run_id="words")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    val = np.concatenate([train_gpt.load_data_shard(p) for p in sorted(corpus.glob("fineweb_val_*.bin"))])
+    lines = run.lines("patching: ")
+    assert [line.split("(")[1].split(":")[0] for line in lines] == ["validation", "training, the first 4 steps' bytes"]
+    windows = torch.from_numpy(val[:len(val) // 64 * 64].astype(np.int64)).view(-1, 64)
+    patch, slot, tail = train_gpt.patch_layout(windows, "space", 8, 24)
+    mean, longest, capped = re.search(r"mean_len:(\S+) max_len:(\d+) capped:(\S+)%", lines[0]).groups()
+    assert float(mean) == pytest.approx(windows.numel() / (patch[:, -1] + 1).sum().item(), abs=0.005)
+    assert int(longest) == slot.max().item() + 1 <= 8
+    assert float(capped) == pytest.approx(100 * (64 - tail).sum().item() / windows.numel(), abs=0.0005)
+    for label in ("final_int6_lzma_roundtrip", "final_sliding", "final_ttt"):
+        assert f"targets:{len(val) - 1} " in run.lines(f"{label}_sums")[-1], label
+        rows, headline, shares = logged_breakdown(run.log.splitlines(), label)
+        assert_breakdown_adds_up(rows, headline, shares)
+        assert {k for k in rows if k.startswith("slot:")} == {f"slot:{i}" for i in range(int(longest))}
+    assert run.lines("ttt_targets_scored:")[0].endswith(" ok")
 
 
 @pytest.mark.parametrize("evaluations, final", [
@@ -631,7 +659,8 @@ def test_a_target_count_mismatch_stops_the_run_with_one_line(corpus, tmp_path, m
     assert not (tmp_path / "logs" / "mismatch.submission.json").exists()
 
 
-def test_priming_compiles_the_scoring_and_ttt_graphs_before_any_clock(tiny_args, tmp_path, monkeypatch):
+@pytest.mark.parametrize("patching", [{}, WORD_PATCHES], ids=["fixed", "space"])
+def test_priming_compiles_the_scoring_and_ttt_graphs_before_any_clock(tiny_args, tmp_path, monkeypatch, patching):
     """Compilation forced on: priming compiles the training, scoring and TTT graphs, so evaluating the artifact's
     fresh model compiles nothing new and no compile time lands on the eval clock. Which graphs exist is decided by
     Dynamo's guards (shapes, dtypes, requires_grad), the same whatever the backend: aot_eager traces forward and
@@ -642,7 +671,7 @@ def test_priming_compiles_the_scoring_and_ttt_graphs_before_any_clock(tiny_args,
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
     monkeypatch.chdir(tmp_path)  # the artifact is written to the working folder
-    args = tiny_args(ITERATIONS=2, WARMUP_STEPS=1, TTT_EPOCHS=1, PREQUANT_EVAL=0, TTT_FREEZE_BLOCKS=1)
+    args = tiny_args(ITERATIONS=2, WARMUP_STEPS=1, TTT_EPOCHS=1, PREQUANT_EVAL=0, TTT_FREEZE_BLOCKS=1, **patching)
     rt = train_gpt.Runtime(args)
     rt.compile = True
     val = train_gpt.load_validation_tokens(args)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import REFERENCE, ROOT, TINY, randomize, realistic
+from conftest import REFERENCE, ROOT, TINY, WORD_PATCHES, randomize, realistic
 
 
 def default_args(monkeypatch, **overrides) -> train_gpt.Hyperparameters:
@@ -156,7 +156,6 @@ def test_fixed_patches_are_every_patch_size_bytes():
     assert tail.item() == 64
 
 
-SPACE = dict(PATCHING="space", PATCH_MAX=8, PATCH_SLOTS=24)  # 64-byte windows: room for every word of TEXT
 TEXT = "Caf\u00e9 au lait, s'il vous pla\u00eet!  x=42; \u00c7a va?\n\u2014 Fin.\t(ok) \u65e5\u672c word-break end."
 
 
@@ -192,7 +191,7 @@ def test_word_patches_are_causal(tiny_args, window, slots):
 def test_word_patches_jepa_terms_skip_the_padding_patches(tiny_args):
     """Under space, the MSE pairs each real patch's prediction with the next real patch's target and SIGReg sees
     the real patches' targets only: both equal the terms over the real patches, selected by hand."""
-    args = tiny_args(**SPACE)
+    args = tiny_args(**WORD_PATCHES)
     model = randomize(train_gpt.build_model(args)).eval()
     ids = torch.stack((text_ids(args.window), text_ids(args.window, bos_at=(0, 5, 40))))
     directions = train_gpt.sigreg_directions(args.latent_dim, 16, 5, torch.device("cpu"))
@@ -480,7 +479,7 @@ def test_flops_per_byte_match_flop_counter(tiny_args, monkeypatch, size, trainin
     if size == "default":
         args = default_args(monkeypatch)
     else:  # grouped-query attention in the encoder
-        knobs = dict(rebalanced=REBALANCED, recipe=RECIPE, space=SPACE).get(size, {})
+        knobs = dict(rebalanced=REBALANCED, recipe=RECIPE, space=WORD_PATCHES).get(size, {})
         args = tiny_args(NUM_HEADS=4, NUM_KV_HEADS=2, **knobs)
     analytic = train_gpt.flops_per_byte(args, training)
     attention = analytic["encoder_attention"] + analytic["decoder_attention"]
