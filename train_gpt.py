@@ -57,16 +57,13 @@ class RunError(RuntimeError):
         self.exit_code = exit_code or self.exit_code
 
 
+BOOLEANS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+
+
 def _parse(name: str, raw: str, kind: type):
     try:
-        if kind is bool:
-            if raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(raw)
-    except ValueError:
+        return BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
+    except (KeyError, ValueError):
         expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
         raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
 
@@ -98,8 +95,7 @@ SMOKE_DEFAULTS = dict(
     NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=2, DECODER_LAYERS=2, LATENT_DIM=64, TRAIN_SEQ_LEN=511,
     TRAIN_BATCH_TOKENS=8176, VAL_BATCH_SIZE=32704, ITERATIONS=200, WARMDOWN_ITERS=60, WARMUP_STEPS=2,
     MUON_MOMENTUM_WARMUP_STEPS=50, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=25, EMA_DECAY=0.98,
-    TTT_CHUNK_TOKENS=8192, TTT_BATCH_SEQS=8, TTT_LOG_EVERY=4, GPTQ_RESERVE_SECONDS=0.0,
-)
+    TTT_CHUNK_TOKENS=8192, TTT_BATCH_SEQS=8, TTT_LOG_EVERY=4, GPTQ_RESERVE_SECONDS=0.0)
 
 
 class Hyperparameters:
@@ -120,9 +116,8 @@ class Hyperparameters:
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
         self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))  # auto: CUDA or an error (not SMOKE)
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
-        # a rank waiting longer at a collective ends the run: above the longest honest wait (the others', while rank 0
-        # alone builds the artifact), half the 600 s budget (torch's defaults, NCCL 10 min and gloo 30, outlast it)
-        self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)
+        # a rank waiting longer at a collective ends the run: above the longest honest wait (rank 0 exporting alone)
+        self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)  # torch's: 10-30 min
         # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
         self.patch_size = knob("PATCH_SIZE", 8, lo=1)
@@ -156,8 +151,8 @@ class Hyperparameters:
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
         # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
-        # encoder positions per window; auto: window/PATCH_SIZE (fixed); space: one per 4.5 bytes, a multiple of 8
-        # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
+        # encoder positions per window; auto: window/PATCH_SIZE, or (space) one per 4.5 bytes, a multiple of 8: above
+        # the 99.9th percentile of English text's windows at PATCH_MAX=8 (patches average 5.3 bytes)
         self.patch_slots = knob("PATCH_SLOTS", None, int, lo=1) or (
             self.window // self.patch_size if self.patching == "fixed" else -(-self.window // 36) * 8)
         # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
@@ -219,8 +214,7 @@ class Hyperparameters:
         self.ttt_freeze_blocks = knob("TTT_FREEZE_BLOCKS", 0, lo=0)  # leading encoder blocks kept fixed in TTT
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
         self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
-        # 600 s allowed; 40 s kept back for process start, NCCL init and artifact decoding (before the clock we
-        # can see) and for the error of the finishing-time projection (~5% of the scoring time).
+        # of 600 s, 40 kept back for process start, NCCL init, artifact decoding and the finish projection's error
         self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)
         self.check()
 
@@ -239,11 +233,10 @@ class Hyperparameters:
         if self.patching == "fixed" and self.window % self.patch_size:
             raise ConfigError(f"TRAIN_SEQ_LEN={self.train_seq_len}, PATCH_SIZE={self.patch_size}: "
                               f"TRAIN_SEQ_LEN+1 must be a multiple of PATCH_SIZE")
-        if self.patching == "fixed" and (self.patch_max, self.patch_slots) != (self.patch_size, self.window //
-                                                                                self.patch_size):
-            raise ConfigError(f"PATCH_MAX={self.patch_max}, PATCH_SLOTS={self.patch_slots}: they apply to "
-                              f"PATCHING=space (fixed patches are PATCH_SIZE={self.patch_size} bytes, "
-                              f"{self.window // self.patch_size} to a window)")
+        fixed_slots = self.window // self.patch_size
+        if self.patching == "fixed" and (self.patch_max, self.patch_slots) != (self.patch_size, fixed_slots):
+            raise ConfigError(f"PATCH_MAX={self.patch_max}, PATCH_SLOTS={self.patch_slots}: they apply to PATCHING="
+                              f"space (fixed patches: PATCH_SIZE={self.patch_size} bytes, {fixed_slots} to a window)")
         if not -(-self.window // self.patch_max) <= self.patch_slots <= self.window:
             raise ConfigError(f"PATCH_SLOTS={self.patch_slots}: expected between the window's patches at PATCH_MAX="
                               f"{self.patch_max} ({-(-self.window // self.patch_max)}) and its bytes ({self.window})")
@@ -269,22 +262,19 @@ class Hyperparameters:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
         if self.ttt_freeze_blocks > self.num_layers:
-            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
-                              f"{self.num_layers}")
+            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected <= NUM_LAYERS={self.num_layers}")
         cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
         if self.quant == "gptq" and cap > 0 and reserve is not None and reserve >= cap:
-            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: the reserve must be "
-                              f"shorter than the cap")
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: reserve must be shorter")
 
     def training_cap_seconds(self, reserve: float | None = None) -> float:
         """Seconds the training loop may run (0 = no cap): the cap, less what GPTQ calibration needs inside the
         budget (`reserve`, else GPTQ_RESERVE_SECONDS; auto counts 0 until measured)."""
-        if self.max_wallclock_seconds <= 0:
-            return 0.0
-        if self.quant != "gptq":
-            return self.max_wallclock_seconds
+        cap = self.max_wallclock_seconds
+        if cap <= 0 or self.quant != "gptq":
+            return cap if cap > 0 else 0.0
         reserve = (self.gptq_reserve_seconds or 0.0) if reserve is None else reserve
-        return max(self.max_wallclock_seconds - reserve, 1e-3)
+        return max(cap - reserve, 1e-3)
 
 
 # -----------------------------------------------------------------------------------------------------------------
