@@ -448,8 +448,7 @@ def fake_quantize_int6(w: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight used in the activations' dtype. With `qat` set, training forwards see the weight
-    through straight-through int6 fake quantisation, so the model learns to live with the rounding."""
+    """fp32 weight used in the activations' dtype; with `qat`, training sees it int6-rounded, straight-through."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -479,9 +478,8 @@ def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
-    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference. Head sizes
-    are zero-padded to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
+    """Sliding-window causal attention, compiled (eager FlexAttention is dense): cost T x window. Head sizes zero-padded
+    to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
     from torch.nn.attention.flex_attention import create_block_mask
     T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
@@ -498,9 +496,8 @@ def compiled_flex_attention():
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Exact causal attention of (B, H, T, D) where query i sees keys i-window+1..i (window >= T: all of them).
-    On CUDA, FlexAttention; elsewhere each block of `window` queries attends to its own and the previous block's
-    keys under a mask, which is exact and also costs T x window."""
+    """Exact causal attention of (B, H, T, D), query i seeing keys i-window+1..i: FlexAttention on CUDA; elsewhere
+    each block of `window` queries attends to its own and the previous block's keys, masked (also T x window)."""
     B, H, T, D = q.shape
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -529,15 +526,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
-        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         # normalised q and k keep attention logits bounded; the learned per-head gain sets their temperature
         q = apply_rotary(rms_norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), self.inv_freq)
         if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         y = local_causal_attention(q, k, v, self.window or T)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -553,8 +547,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
-    stream with the stack's input x0."""
+    """Pre-norm block with learned per-channel branch scales and a learned mix of the stream with the stack's input."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float,
                  window: int = 0):
@@ -573,8 +566,7 @@ class Block(nn.Module):
 
 
 class LatentHead(nn.Module):
-    """RMSNorm -> Linear -> SiLU -> Linear: the JEPA projector (patch embedding -> target latent) and predictor
-    (encoder state of patch p -> latent of patch p+1) share this shape."""
+    """RMSNorm -> Linear -> SiLU -> Linear: the JEPA projector (patch -> its latent) and predictor (-> the next's)."""
 
     def __init__(self, dim: int, hidden: int, latent: int):
         super().__init__()
@@ -625,11 +617,10 @@ class SmearGate(nn.Module):
 
 def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17,
            t_max: float = 3.0) -> Tensor:
-    """Sketched isotropic-Gaussian regulariser: project z (N, D) on unit directions (D, S) and measure, per
-    projection, the Gaussian-windowed squared distance between the empirical characteristic function and the
-    standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
-    marginals, so the targets can neither collapse nor drift in scale. Computed in fp32: the phases t*x need
-    more precision than bf16 has. `weight`: 1 for the rows of z to count, 0 for the others (padding patches)."""
+    """Sketched isotropic-Gaussian regulariser: per projection of z (N, D) on unit directions (D, S), the Gaussian-
+    windowed squared distance of the empirical characteristic function from N(0, 1)'s over t in [0, t_max] (even in
+    t): zero only for N(0, 1) marginals, so targets can neither collapse nor drift in scale. fp32: the phases t*x need
+    more than bf16. `weight`: 1 for the rows of z to count, 0 for the others (padding patches)."""
     with torch.autocast("cuda", enabled=False):  # the only autocast this script enables
         proj = z.float() @ directions
         t = torch.linspace(0.0, t_max, knots, device=z.device)
