@@ -1,5 +1,4 @@
-"""
-Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
+"""Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
 
 A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
 a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
@@ -69,8 +68,7 @@ def _parse(name: str, raw: str, kind: type):
 
 
 def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None, auto: bool = False):
-    """One knob: the environment's value (or the default), parsed as `kind` and checked against its range.
-    None is spelled "auto" in the environment: allowed where the default is None, or with auto=True."""
+    """One knob from the environment or its default, parsed, range-checked; "auto": None (default None or auto=True)."""
     kind = kind or type(default)
     raw = os.environ.get(name, "")
     auto = raw == "auto" and (auto or default is None)
@@ -468,8 +466,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotary position embedding over (B, H, T, D). Tables are computed per call: a cache would outlive the
-    inference-mode evaluation that filled it and then meet autograd."""
+    """Rotary embedding of (B, H, T, D), tables per call: a cache would outlive the inference-mode eval filling it."""
     t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
     angles = torch.outer(t, inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -489,8 +486,7 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tenso
 
 @functools.cache
 def compiled_flex_attention():
-    """Compiled at its first call only. Imported here, not at the top: FlexAttention loads the compiler stack, which
-    would add seconds to the start of every CPU run (tests, tools) that never calls it."""
+    """Imported and compiled at the first call: FlexAttention loads the compiler stack (seconds on every CPU start)."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
@@ -578,8 +574,7 @@ class LatentHead(nn.Module):
 
 
 def ngram_buckets(ids: Tensor, buckets: int) -> Tensor:
-    """(B, L) bytes -> (B, L, 3): the hash buckets of the 2-, 3- and 4-gram ending at each byte (polynomial hash
-    mod 2^31-1, salted by the order; bytes before the window count as BOS)."""
+    """(B, L) bytes -> (B, L, 3): hash buckets of the 2-, 3- and 4-gram ending at each byte (BOS before the window)."""
     h, out = ids.long(), []
     for n in range(2, 5):
         h = (h * 1_000_003 + F.pad(ids[:, :1 - n], (n - 1, 0), value=BOS_ID)) % 2_147_483_647
@@ -588,8 +583,7 @@ def ngram_buckets(ids: Tensor, buckets: int) -> Tensor:
 
 
 class HashedNgrams(nn.Module):
-    """BLT's hashed byte n-gram embeddings: the summed rows of the 2-, 3- and 4-gram ending at each byte,
-    projected to the consumer's width from zero (so switching them on starts from the model without them)."""
+    """BLT's hashed byte n-gram embeddings, summed, projected from zero: switched on, the model starts as without."""
 
     def __init__(self, buckets: int, width: int, dim: int):
         super().__init__()
@@ -615,8 +609,7 @@ class SmearGate(nn.Module):
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
-def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17,
-           t_max: float = 3.0) -> Tensor:
+def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17, t_max: float = 3.0) -> Tensor:
     """Sketched isotropic-Gaussian regulariser: per projection of z (N, D) on unit directions (D, S), the Gaussian-
     windowed squared distance of the empirical characteristic function from N(0, 1)'s over t in [0, t_max] (even in
     t): zero only for N(0, 1) marginals, so targets can neither collapse nor drift in scale. fp32: the phases t*x need
@@ -800,12 +793,10 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
-    """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
-    component. Matmuls only: norms, RoPE, softmax and the losses' elementwise work are left out. Attention is
-    counted causally, as the kernels compute it: query i meets i+1 keys (in the decoder min(i+1, DECODER_WINDOW)),
-    4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the backward of x @ W
-    gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash attention's recomputation in
-    its backward is not counted (model FLOPs, the MFU convention)."""
+    """Analytic matmul FLOPs per target byte (a window's over its TRAIN_SEQ_LEN targets; 2 per multiply-add) by
+    component; norms, RoPE, softmax and losses left out. Attention is causal, as the kernels compute it: query i meets
+    min(i+1, window) keys, 4 FLOPs per key and channel. Training: 3x forward (dx and dW), SIGReg's fixed projection 2x;
+    flash attention's recomputation in its backward is not counted (model FLOPs, the MFU convention)."""
     d, P, L, T, m, dd = args.model_dim, args.patch_max, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
     patches, W = args.patch_slots, min(args.decoder_window or T, T)  # the encoder runs on every slot, padding too
     kv = args.num_kv_heads * (d // args.num_heads)
@@ -912,9 +903,6 @@ class Runtime:
             raise Stopped(int(signum))
         return values
 
-    def barrier(self):
-        self.all_reduce(torch.zeros(1), group=self.host_group)
-
     def now(self) -> float:
         """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
         if self.cuda:
@@ -951,9 +939,8 @@ def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), then orthogonalised updates for 2-D weights,
-    after decoupled weight decay. Rank r orthogonalises parameters r, r+W, r+2W, ...; one all-reduce of a flat
-    buffer gives every rank every update."""
+    """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), orthogonalised, after decoupled weight decay.
+    Rank r orthogonalises parameters r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime, weight_decay: float = 0.0,
                  row_norm: bool = False):
@@ -982,8 +969,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors, decoupled
-    weight decay on all but the control tensors. Every group remembers its base learning rate for the schedule."""
+    """Muon for linear layers' matrices; Adam for embeddings, head and control tensors (no weight decay on controls)."""
     embed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] + [model.slot_pos]
     head = [model.head.weight]
     chosen = {id(p) for p in embed + head}
@@ -1007,10 +993,9 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
-    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the warmdown
-    lasts WARMDOWN_FRAC of the cap, or WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to
-    the knobs' cap. The LR is base x (LR_FLOOR + (1 - LR_FLOOR) x scale): late QAT and SWA, which read the scale,
-    start at the same point of the warmdown whatever the floor."""
+    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (WARMDOWN_FRAC
+    of cap_ms, default the knobs', or WARMDOWN_ITERS steps at the step time so far). LR = base x (LR_FLOOR + (1 -
+    LR_FLOOR) x scale): late QAT and SWA, which read the scale, start at the same point whatever the floor."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
         return min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
@@ -1482,11 +1467,9 @@ def read_artifact(path: str | Path, where: str | None = None) -> dict:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a non-torch payload
         detail = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ConfigError(f"{where}: the decompressed file is not a torch.save payload "
-                          f"({type(e).__name__}: {detail})") from None
+        raise ConfigError(f"{where}: decompressed, not a torch.save payload ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or not state:
-        raise ConfigError(f"{where}: expected a non-empty dict of tensors (an int6 artifact), found "
-                          f"{type(state).__name__}")
+        raise ConfigError(f"{where}: expected a non-empty dict (an int6 artifact), found {type(state).__name__}")
     for name, v in state.items():
         if not isinstance(name, str):
             raise ConfigError(f"{where}: expected tensor names as keys, found {name!r}")
@@ -1494,11 +1477,9 @@ def read_artifact(path: str | Path, where: str | None = None) -> dict:
             q, scale = v.get("q"), v.get("scale")
             if (set(v) != {"q", "scale"} or not isinstance(q, Tensor) or not isinstance(scale, Tensor)
                     or q.dtype != torch.int8 or q.ndim != 2 or scale.shape != (q.size(0),)):
-                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (expected q: int8 (rows, cols) and "
-                                  f"scale: (rows,))")
+                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (q: int8 (rows, cols), scale: (rows,))")
         elif not isinstance(v, Tensor) or not v.is_floating_point():
-            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or an int6 "
-                              f"matrix")
+            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or int6 matrix")
         elif stored_as_int6(name, v) or name.startswith(TRAINING_ONLY_PREFIXES):
             raise ConfigError(f"{where}: entry {name} is stored as a plain {tuple(v.shape)} tensor, which an "
                               f"artifact never holds; this looks like a state dict, not an int6 artifact")
@@ -2033,7 +2014,7 @@ def main() -> int:
     log = Logger(args.run_id, rt.master)
     try:
         run(args, rt, log)
-        rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
+        rt.all_reduce(torch.zeros(1), group=rt.host_group)  # a barrier: gloo aborts a group torn down in use
     except (ConfigError, RunError) as e:  # a user mistake found mid-run (2), or what RunError's subclasses name
         if isinstance(e, CollectiveFailed) and Stopped.signum:  # a peer that stopped first broke the collective
             e = Stopped(Stopped.signum)
