@@ -467,8 +467,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
     """Rotary embedding of (B, H, T, D), tables per call: a cache would outlive the inference-mode eval filling it."""
-    t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
-    angles = torch.outer(t, inv_freq)
+    angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype), inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -528,8 +527,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(rms_norm(k), self.inv_freq)
         if self.kv_heads != self.heads:
             k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        y = local_causal_attention(q, k, v, self.window or T)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(local_causal_attention(q, k, v, self.window or T).transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -629,8 +627,7 @@ def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: i
 
 def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) -> Tensor:
     """Unit directions redrawn every step from a seed all ranks share, drawn on the device (no host sync)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    d = torch.randn(dim, slices, generator=g, device=device)
+    d = torch.randn(dim, slices, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     return d / d.norm(dim=0, keepdim=True)
 
 
@@ -811,8 +808,7 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
         jepa_heads=patches * head_hidden,
         decoder_blocks=conditioning + args.decoder_layers * T * 2 * (4 * dd * dd + 2 * m * dd * dd),
         decoder_attention=args.decoder_layers * 4 * dd * (causal_pairs(W) + (T - W) * W),  # query i: min(i+1, W)
-        output_head=2 * dd * args.vocab_size * (T - 1 if training else T),  # training scores positions 1..
-    )
+        output_head=2 * dd * args.vocab_size * (T - 1 if training else T))  # training scores positions 1..
     if args.ngram_buckets:
         f["ngram_embeddings"] = 2 * args.ngram_dim * (d + dd) * T
     if training:
@@ -833,8 +829,7 @@ def check_device(args: Hyperparameters) -> None:
     why = f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda})"
     if args.device == "cuda":
         raise ConfigError(f"DEVICE=cuda: {why}; check the driver and that the installed torch is a CUDA build")
-    raise ConfigError(f"DEVICE=auto: {why}; set DEVICE=cpu to train on the CPU on purpose, or SMOKE=1 for the "
-                      f"small embedded run")
+    raise ConfigError(f"DEVICE=auto: {why}; set DEVICE=cpu to train on the CPU on purpose, or SMOKE=1 (small run)")
 
 
 class Stopped(RunError):
@@ -1780,11 +1775,10 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     totals, per_chunk, score_times, adapt_times = Totals(labels=breakdown.labels), [], [], []
     name = "ttt" if adapt else "sliding"
     model.eval()
-    for c, chunk_spans in enumerate(by_chunk):
+    for c, chunk in enumerate(by_chunk):
         rt.meet(phase=f"evaluation ({name}, chunk {c + 1}/{num_chunks})")
         t = rt.now()
-        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt,
-                                   breakdown)
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk, rt), args.window, batch_seqs, rt, breakdown)
         per_chunk.append(chunk_totals)
         totals.values += chunk_totals.values
         totals.breakdown += chunk_totals.breakdown
