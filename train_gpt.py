@@ -36,9 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# -----------------------------------------------------------------------------------------------------------------
-# Hyperparameters: every knob, read from the environment, checked before any heavy work
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Hyperparameters: every knob, read from the environment, checked before any heavy work ----------------------
 
 SIZE_CAP_BYTES = 16_000_000  # the challenge's limit on code + compressed weights (decimal bytes)
 
@@ -275,9 +273,7 @@ class Hyperparameters:
         return max(cap - reserve, 1e-3)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample -------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
@@ -431,9 +427,7 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
     write_atomically(out_dir / "tokenizer.json", description.encode())
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder ---------------------
 
 CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain")  # kept in fp32 in the artifact
 TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stored in the artifact
@@ -817,9 +811,7 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     return {k: v / args.train_seq_len for k, v in f.items()}
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups -----------
 
 
 def check_device(args: Hyperparameters) -> None:
@@ -982,9 +974,7 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
     return [adam, muon]
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Training: schedule, weight averaging, late QAT, the wallclock-capped loop
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Training: schedule, weight averaging, late QAT, the wallclock-capped loop ----------------------------------
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
@@ -1251,9 +1241,7 @@ class Trainer:
         return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 1))
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading -------------------
 
 SMALL_TENSOR_MAX = 65_536  # tensors this small stay fp16: int6 would save little and cost accuracy
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates, chosen per tensor
@@ -1529,9 +1517,7 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     return path
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training -------
 
 
 class TargetCountMismatch(RunError):
@@ -1808,9 +1794,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     return totals, per_chunk
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report -------------------------
 
 
 class Logger:
