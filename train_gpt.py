@@ -147,8 +147,8 @@ class Hyperparameters:
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
         # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
-        # encoder positions per window; auto: window/PATCH_SIZE, or (space) one per 4.5 bytes, a multiple of 8: above
-        # the 99.9th percentile of English text's windows at PATCH_MAX=8 (patches average 5.3 bytes)
+        # encoder positions per window; auto: window/PATCH_SIZE (fixed); space: one per 4.5 bytes, a multiple of 8
+        # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
         self.patch_slots = knob("PATCH_SLOTS", None, int, lo=1) or (
             self.window // self.patch_size if self.patching == "fixed" else -(-self.window // 36) * 8)
         # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
@@ -264,8 +264,7 @@ class Hyperparameters:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: reserve must be shorter")
 
     def training_cap_seconds(self, reserve: float | None = None) -> float:
-        """Seconds the training loop may run (0 = no cap): the cap, less what GPTQ calibration needs inside the
-        budget (`reserve`, else GPTQ_RESERVE_SECONDS; auto counts 0 until measured)."""
+        """Training seconds (0 = no cap): the cap less GPTQ calibration's `reserve` (else GPTQ_RESERVE_SECONDS or 0)."""
         cap = self.max_wallclock_seconds
         if cap <= 0 or self.quant != "gptq":
             return cap if cap > 0 else 0.0
@@ -784,10 +783,9 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
-    """Analytic matmul FLOPs per target byte (a window's over its TRAIN_SEQ_LEN targets; 2 per multiply-add) by
-    component; norms, RoPE, softmax and losses left out. Attention is causal, as the kernels compute it: query i meets
-    min(i+1, window) keys, 4 FLOPs per key and channel. Training: 3x forward (dx and dW), SIGReg's fixed projection 2x;
-    flash attention's recomputation in its backward is not counted (model FLOPs, the MFU convention)."""
+    """Analytic matmul FLOPs per target byte by component (2 per multiply-add; norms, RoPE, softmax, losses left out),
+    attention causal as the kernels compute it: query i meets min(i+1, window) keys. Training: 3x forward (dx and dW),
+    SIGReg's fixed projection 2x; flash attention's backward recomputation is not counted (the MFU convention)."""
     d, P, L, T, m, dd = args.model_dim, args.patch_max, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
     patches, W = args.patch_slots, min(args.decoder_window or T, T)  # the encoder runs on every slot, padding too
     kv = args.num_kv_heads * (d // args.num_heads)
@@ -1526,8 +1524,7 @@ class TargetCountMismatch(RunError):
 
 
 class Totals:
-    """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero); `breakdown`
-    holds the same three sums per bucket (named by `labels`), and each grouping's buckets add up to `values`."""
+    """Summed NLL (nats, float64), targets and bytes (ids >= 4); `breakdown`: the same per bucket of `labels`."""
 
     def __init__(self, values: Tensor | None = None, breakdown: Tensor | None = None, labels: list[str] = ()):
         self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
@@ -1549,9 +1546,8 @@ class Totals:
 
 
 def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 0) -> list[tuple[int, int, int]]:
-    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Each target 1..num_tokens-1 is
-    scored once: the first window scores all its targets, later ones the next `stride`, each in the window ending at its
-    last scored target (the most left context). With chunk_tokens, no scored range crosses a multiple of it."""
+    """(start, lo, hi): tokens[start:start+window] scores targets lo..hi-1, each of 1..num_tokens-1 once: the first
+    window all its own, later ones the next `stride` at their end (most left context), none across chunk_tokens."""
     if num_tokens < window:
         raise ValueError(f"{num_tokens} tokens cannot fill one window of {window}")
     spans, lo = [], 1
@@ -1577,8 +1573,7 @@ BYTE_CLASSES = ("lower", "upper", "digit", "space", "punct", "utf8_lead", "utf8_
 
 
 def byte_class(token: int) -> int:
-    """Index in BYTE_CLASSES: ASCII letters, digits, whitespace (space, tab, LF, CR, VT, FF), other ASCII, UTF-8
-    lead (0xC0-0xFF) and continuation (0x80-0xBF) bytes; last BOS and the other special ids (charged, no byte)."""
+    """Index in BYTE_CLASSES; "bos" holds BOS and the other special ids (charged, no byte)."""
     b = token - BYTE_OFFSET
     if b < 0 or b >= 0x80:
         return 7 if b < 0 else 5 if b >= 0xC0 else 6
@@ -1594,8 +1589,7 @@ def range_labels(lows: list[int], end: int | None) -> list[str]:
 
 class Breakdown:
     """Where the bits go: each scored target adds its NLL, 1 and its byte count to one bucket per grouping: its slot
-    in its patch (windows are patched from their first byte), its byte class, its distance from the last BOS at or
-    before it in the stream and its index in its window (both log-spaced). EVAL_BREAKDOWN=0: no buckets."""
+    (windows patched from their first byte), byte class, distance from the last BOS and index in window (log-spaced)."""
 
     def __init__(self, tokens: np.ndarray, args: Hyperparameters, device: torch.device):
         self.labels, self.rows = [], []  # bucket names; each grouping's rows of them
