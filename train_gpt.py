@@ -151,8 +151,7 @@ class Hyperparameters:
         # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
         self.patch_slots = knob("PATCH_SLOTS", None, int, lo=1) or (
             self.window // self.patch_size if self.patching == "fixed" else -(-self.window // 36) * 8)
-        # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
-        per_step = 8 * self.train_seq_len
+        per_step = 8 * self.train_seq_len  # batch defaults: rounded down to whole windows; set values are checked
 
         def whole_windows(name, default):
             return env(name, max(per_step, d.get(name, default) // per_step * per_step), lo=1)
@@ -177,8 +176,7 @@ class Hyperparameters:
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_row_norm = knob("MUON_ROW_NORM", True)  # MuonEq-R: rows at unit norm before Newton-Schulz
-        # decoupled (w *= 1 - lr*wd) on Muon's matrices, embeddings and head, not on Adam's scalar group; reference 0
-        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)
+        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)  # decoupled, on all but Adam's scalar group; reference 0
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
@@ -197,9 +195,8 @@ class Hyperparameters:
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
         self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
-        # sliding/TTT stride: 256, or the window's whole patches for windows shorter than that
         self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", max(self.patch_size, min(
-            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)
+            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)  # 256, or the window's whole patches
         self.ttt_enabled = knob("TTT_ENABLED", True)
         self.ttt_lr = knob("TTT_LR", 0.002, lo=0.0)
         self.ttt_epochs = knob("TTT_EPOCHS", 2, lo=0)
@@ -210,8 +207,7 @@ class Hyperparameters:
         self.ttt_freeze_blocks = knob("TTT_FREEZE_BLOCKS", 0, lo=0)  # leading encoder blocks kept fixed in TTT
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
         self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
-        # of 600 s, 40 kept back for process start, NCCL init, artifact decoding and the finish projection's error
-        self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)
+        self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)  # 600 s - 40 (start, decoding, estimate error)
         self.check()
 
     @property
@@ -1372,8 +1368,7 @@ def serialize_artifact(qstate: dict) -> bytes:
 def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
     """||E||^2 / ||W||^2 of a stored matrix, or tr(E H E^T) / tr(W H W^T) (its outputs' change) given a Hessian."""
     w = w.detach().float()
-    stored = dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()
-    e = w - stored.to(w.device)
+    e = w - (dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()).to(w.device)
     if hessian is None:
         return (e.square().sum() / w.square().sum().clamp_min(1e-30)).item()
     h = hessian.float().to(w.device)
