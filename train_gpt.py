@@ -57,21 +57,18 @@ class RunError(RuntimeError):
 BOOLEANS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
 
 
-def _parse(name: str, raw: str, kind: type):
-    try:
-        return BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
-    except (KeyError, ValueError):
-        expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
-        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
-
-
 def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None, auto: bool = False):
     """One knob from the environment or its default, parsed, range-checked; "auto": None (default None or auto=True)."""
     kind = kind or type(default)
     raw = os.environ.get(name, "")
-    auto = raw == "auto" and (auto or default is None)
-    value = default if raw == "" else None if auto else _parse(name, raw, kind)
-    if value is None:  # "auto": decided at run time
+    if raw == "auto" and (auto or default is None):  # decided at run time
+        return None
+    try:
+        value = default if raw == "" else BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
+    except (KeyError, ValueError):
+        expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+    if value is None:  # an automatic default
         return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
