@@ -386,8 +386,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Per micro-step, rank r takes the r-th of W contiguous spans of the stream, so a global batch is the same
-    bytes on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
+    """Rank r takes the r-th of W contiguous spans per micro-step: a batch is the same bytes on 1 or 8 processes."""
 
     def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
         self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
@@ -580,8 +579,7 @@ class HashedNgrams(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_i + g_i x_{i-1}: a learned, input-dependent share of the previous position's input (modded-nanogpt),
-    starting closed, and shut where the input byte is BOS: no document starts with its predecessor's last byte."""
+    """x_i + g_i x_{i-1} (modded-nanogpt), gate closed at first and shut at BOS (no document reads its predecessor)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -595,9 +593,8 @@ class SmearGate(nn.Module):
 
 def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17, t_max: float = 3.0) -> Tensor:
     """Sketched isotropic-Gaussian regulariser: per projection of z (N, D) on unit directions (D, S), the Gaussian-
-    windowed squared distance of the empirical characteristic function from N(0, 1)'s over t in [0, t_max] (even in
-    t): zero only for N(0, 1) marginals, so targets can neither collapse nor drift in scale. fp32: the phases t*x need
-    more than bf16. `weight`: 1 for the rows of z to count, 0 for the others (padding patches)."""
+    windowed squared distance of the empirical characteristic function from N(0, 1)'s over [0, t_max] (even in t):
+    zero only for N(0, 1) marginals (no collapse, no scale drift). fp32: phases t*x need it. `weight`: 0 for padding."""
     with torch.autocast("cuda", enabled=False):  # the only autocast this script enables
         proj = z.float() @ directions
         t = torch.linspace(0.0, t_max, knots, device=z.device)
@@ -1131,8 +1128,7 @@ class Trainer:
         return ce_total / accum
 
     def prime(self):
-        """Before the clock: WARMUP_STEPS real steps (compilation, kernels; the last half with late QAT, to compile it
-        too), the evaluation and TTT graphs, the GPTQ reserve; then weights, optimizer state and data are restored."""
+        """Before the clock, then undone: WARMUP_STEPS steps (last half with late QAT), eval/TTT graphs, GPTQ timing."""
         args = self.args
         measure = args.quant == "gptq" and args.gptq_reserve_seconds is None and args.max_wallclock_seconds > 0
         if not (args.warmup_steps or self.rt.compile or measure):
