@@ -100,8 +100,6 @@ class Hyperparameters:
 
         def knob(name, default, *a, **k):
             return env(name, d.get(name, default), *a, **k)
-
-        # data and run
         self.data_path = knob("DATA_PATH", "./data/datasets/fineweb10B_byte260", str)
         self.tokenizer_path = knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_pure_byte_260.json", str)
         self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
@@ -111,7 +109,6 @@ class Hyperparameters:
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
         # a rank waiting longer at a collective ends the run: above the longest honest wait (rank 0 exporting alone)
         self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)  # torch's: 10-30 min
-        # model
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
         self.patch_size = knob("PATCH_SIZE", 8, lo=1)
         # where patches end: every PATCH_SIZE bytes, or where words start (SpaceByte's rule, see patch_layout)
@@ -142,7 +139,6 @@ class Hyperparameters:
         self.ce_weight = knob("CE_WEIGHT", 3.0, lo=0.0)
         self.jepa_weight = knob("JEPA_WEIGHT", 0.0, lo=0.0)  # reference 0.5
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
-        # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
         # encoder positions per window; auto: window/PATCH_SIZE (fixed); space: one per 4.5 bytes, a multiple of 8
         # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
@@ -177,18 +173,15 @@ class Hyperparameters:
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
-        # weight averaging and late QAT
         self.weight_avg = knob("WEIGHT_AVG", "ema", str, choices=("ema", "swa", "none"))
         self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)  # token records 0.9965
         self.swa_every = knob("SWA_EVERY", 50, lo=1)
         self.swa_start_scale = knob("SWA_START_SCALE", 0.2, lo=0.0, hi=1.0)
         self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.0, lo=0.0, hi=1.0)  # reference 0.15
-        # artifact
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
         self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", None, float, lo=0.0)  # cut from training; auto: timed
         self.size_cap_bytes = knob("SIZE_CAP_BYTES", SIZE_CAP_BYTES, lo=1)  # code + artifact limit (tests lower it)
-        # evaluation
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
         self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
@@ -1110,9 +1103,8 @@ class Trainer:
         directions = sigreg_directions(args.latent_dim, args.sigreg_slices, args.seed + step, self.rt.device)
         ce_total = torch.zeros((), device=self.rt.device)
         for _ in range(accum):
-            ids = self.loader.next_batch()
             with self.rt.autocast():
-                ce, mse, reg = self.loss_fn(ids, directions)
+                ce, mse, reg = self.loss_fn(self.loader.next_batch(), directions)
             loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
@@ -1180,7 +1172,6 @@ class Trainer:
                                f"{args.head_lr:g} SCALAR_LR={args.scalar_lr:g}; {averager.after_divergence()}; "
                                f"nothing was exported")
             return shared_ms
-
         t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
@@ -1245,7 +1236,6 @@ class SizeCapExceeded(RunError):
 class WriteFailed(RunError):
     """The artifact could not be written (a full disk, an unwritable folder, a directory in its place)."""
     exit_code = 6
-
 
 
 def stored_as_int6(name: str, t: Tensor) -> bool:
@@ -1315,7 +1305,6 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
         x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
         sums[slot[module]].addmm_(x.T, x)
         rows[slot[module]] += x.size(0)
-
     handles = [m.register_forward_hook(accumulate) for m in layers.values()]
     model.eval()
     try:
@@ -1395,7 +1384,6 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
         log(f"rate_control: step {rung}: {what} ({widths} matrices); artifact {len(blob)} bytes, total {total} "
             f"(cap {args.size_cap_bytes}, {'fits' if total <= args.size_cap_bytes else 'over'}); mean relative "
             f"error {sum(errors.values()) / max(len(errors), 1):.3e}, worst {max(errors.values(), default=0.0):.3e}")
-
     report("as quantised")
     while len(blob) > budget:
         Stopped.check()
@@ -1598,8 +1586,7 @@ class Breakdown:
         self.doc_lows = torch.tensor(doc_lows[1:], device=device)
 
     def add(self, buckets: Tensor, ids: Tensor, starts: list[int], per_target: Tensor) -> None:
-        """Adds each position's (nats, target, byte) sums (B, W, 3) to its bucket of each grouping, on the device.
-        A window's document position continues from its start's distance to the last BOS before it."""
+        """Adds sums (B, W, 3) to each grouping's buckets, on the device; doc positions may start before the window."""
         before = np.asarray(starts) - self.doc_starts[np.searchsorted(self.doc_starts, starts, side="right") - 1]
         last_start = torch.where(ids == BOS_ID, self.pos, -to_device(torch.from_numpy(before), ids.device)[:, None])
         doc_pos = self.pos - last_start.cummax(dim=1).values
