@@ -1,5 +1,4 @@
-"""
-Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
+"""Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
 
 A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
 a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
@@ -37,9 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# -----------------------------------------------------------------------------------------------------------------
-# Hyperparameters: every knob, read from the environment, checked before any heavy work
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Hyperparameters: every knob, read from the environment, checked before any heavy work ----------------------
 
 SIZE_CAP_BYTES = 16_000_000  # the challenge's limit on code + compressed weights (decimal bytes)
 
@@ -57,28 +54,21 @@ class RunError(RuntimeError):
         self.exit_code = exit_code or self.exit_code
 
 
-def _parse(name: str, raw: str, kind: type):
-    try:
-        if kind is bool:
-            if raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(raw)
-    except ValueError:
-        expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
-        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+BOOLEANS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
 
 
 def env(name: str, default, kind: type | None = None, lo=None, hi=None, choices=None, auto: bool = False):
-    """One knob: the environment's value (or the default), parsed as `kind` and checked against its range.
-    None is spelled "auto" in the environment: allowed where the default is None, or with auto=True."""
+    """One knob from the environment or its default, parsed, range-checked; "auto": None (default None or auto=True)."""
     kind = kind or type(default)
     raw = os.environ.get(name, "")
-    auto = raw == "auto" and (auto or default is None)
-    value = default if raw == "" else None if auto else _parse(name, raw, kind)
-    if value is None:  # "auto": decided at run time
+    if raw == "auto" and (auto or default is None):  # decided at run time
+        return None
+    try:
+        value = default if raw == "" else BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
+    except (KeyError, ValueError):
+        expected = {int: "an integer", float: "a number", bool: "0 or 1"}.get(kind, kind.__name__)
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+    if value is None:  # an automatic default
         return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
@@ -98,8 +88,7 @@ SMOKE_DEFAULTS = dict(
     NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=2, DECODER_LAYERS=2, LATENT_DIM=64, TRAIN_SEQ_LEN=511,
     TRAIN_BATCH_TOKENS=8176, VAL_BATCH_SIZE=32704, ITERATIONS=200, WARMDOWN_ITERS=60, WARMUP_STEPS=2,
     MUON_MOMENTUM_WARMUP_STEPS=50, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=25, EMA_DECAY=0.98,
-    TTT_CHUNK_TOKENS=8192, TTT_BATCH_SEQS=8, TTT_LOG_EVERY=4, GPTQ_RESERVE_SECONDS=0.0,
-)
+    TTT_CHUNK_TOKENS=8192, TTT_BATCH_SEQS=8, TTT_LOG_EVERY=4, GPTQ_RESERVE_SECONDS=0.0)
 
 
 class Hyperparameters:
@@ -111,8 +100,6 @@ class Hyperparameters:
 
         def knob(name, default, *a, **k):
             return env(name, d.get(name, default), *a, **k)
-
-        # data and run
         self.data_path = knob("DATA_PATH", "./data/datasets/fineweb10B_byte260", str)
         self.tokenizer_path = knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_pure_byte_260.json", str)
         self.run_id = knob("RUN_ID", str(uuid.uuid4()), str)
@@ -120,10 +107,8 @@ class Hyperparameters:
         self.eval_only = knob("EVAL_ONLY", "", str)  # path of a saved artifact: skip training, evaluate it
         self.device = knob("DEVICE", "auto", str, choices=("auto", "cuda", "cpu"))  # auto: CUDA or an error (not SMOKE)
         self.world_size = env("WORLD_SIZE", 1, lo=1)  # set by torchrun
-        # a rank waiting longer at a collective ends the run: above the longest honest wait (the others', while rank 0
-        # alone builds the artifact), half the 600 s budget (torch's defaults, NCCL 10 min and gloo 30, outlast it)
-        self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)
-        # model
+        # a rank waiting longer at a collective ends the run: above the longest honest wait (rank 0 exporting alone)
+        self.collective_timeout_seconds = knob("COLLECTIVE_TIMEOUT_SECONDS", 300.0, lo=1.0)  # torch's: 10-30 min
         self.vocab_size = knob("VOCAB_SIZE", 260, lo=1)
         self.patch_size = knob("PATCH_SIZE", 8, lo=1)
         # where patches end: every PATCH_SIZE bytes, or where words start (SpaceByte's rule, see patch_layout)
@@ -154,14 +139,12 @@ class Hyperparameters:
         self.ce_weight = knob("CE_WEIGHT", 3.0, lo=0.0)
         self.jepa_weight = knob("JEPA_WEIGHT", 0.0, lo=0.0)  # reference 0.5
         self.sigreg_weight = knob("SIGREG_WEIGHT", 0.02, lo=0.0)
-        # training
         self.train_seq_len = knob("TRAIN_SEQ_LEN", 2047, lo=1)  # targets per window; the window is one byte longer
         # encoder positions per window; auto: window/PATCH_SIZE (fixed); space: one per 4.5 bytes, a multiple of 8
         # (above the 99.9th percentile of windows of English text at PATCH_MAX=8, where patches average 5.3 bytes)
         self.patch_slots = knob("PATCH_SLOTS", None, int, lo=1) or (
             self.window // self.patch_size if self.patching == "fixed" else -(-self.window // 36) * 8)
-        # batch defaults follow the window (rounded down to whole windows per micro-step); set values are checked
-        per_step = 8 * self.train_seq_len
+        per_step = 8 * self.train_seq_len  # batch defaults: rounded down to whole windows; set values are checked
 
         def whole_windows(name, default):
             return env(name, max(per_step, d.get(name, default) // per_step * per_step), lo=1)
@@ -186,29 +169,24 @@ class Hyperparameters:
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_row_norm = knob("MUON_ROW_NORM", True)  # MuonEq-R: rows at unit norm before Newton-Schulz
-        # decoupled (w *= 1 - lr*wd) on Muon's matrices, embeddings and head, not on Adam's scalar group; reference 0
-        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)
+        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)  # decoupled, on all but Adam's scalar group; reference 0
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)
-        # weight averaging and late QAT
         self.weight_avg = knob("WEIGHT_AVG", "ema", str, choices=("ema", "swa", "none"))
         self.ema_decay = knob("EMA_DECAY", 0.997, lo=0.0, hi=1.0)  # token records 0.9965
         self.swa_every = knob("SWA_EVERY", 50, lo=1)
         self.swa_start_scale = knob("SWA_START_SCALE", 0.2, lo=0.0, hi=1.0)
         self.late_qat_threshold = knob("LATE_QAT_THRESHOLD", 0.0, lo=0.0, hi=1.0)  # reference 0.15
-        # artifact
         self.quant = knob("QUANT", "gptq", str, choices=("rtn", "gptq"))
         self.gptq_calib_batches = knob("GPTQ_CALIB_BATCHES", 8, lo=1)  # training micro-batches per rank
         self.gptq_reserve_seconds = knob("GPTQ_RESERVE_SECONDS", None, float, lo=0.0)  # cut from training; auto: timed
         self.size_cap_bytes = knob("SIZE_CAP_BYTES", SIZE_CAP_BYTES, lo=1)  # code + artifact limit (tests lower it)
-        # evaluation
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
         self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
-        # sliding/TTT stride: 256, or the window's whole patches for windows shorter than that
         self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", max(self.patch_size, min(
-            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)
+            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)  # 256, or the window's whole patches
         self.ttt_enabled = knob("TTT_ENABLED", True)
         self.ttt_lr = knob("TTT_LR", 0.002, lo=0.0)
         self.ttt_epochs = knob("TTT_EPOCHS", 2, lo=0)
@@ -219,9 +197,7 @@ class Hyperparameters:
         self.ttt_freeze_blocks = knob("TTT_FREEZE_BLOCKS", 0, lo=0)  # leading encoder blocks kept fixed in TTT
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
         self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
-        # 600 s allowed; 40 s kept back for process start, NCCL init and artifact decoding (before the clock we
-        # can see) and for the error of the finishing-time projection (~5% of the scoring time).
-        self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)
+        self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)  # 600 s - 40 (start, decoding, estimate error)
         self.check()
 
     @property
@@ -239,11 +215,10 @@ class Hyperparameters:
         if self.patching == "fixed" and self.window % self.patch_size:
             raise ConfigError(f"TRAIN_SEQ_LEN={self.train_seq_len}, PATCH_SIZE={self.patch_size}: "
                               f"TRAIN_SEQ_LEN+1 must be a multiple of PATCH_SIZE")
-        if self.patching == "fixed" and (self.patch_max, self.patch_slots) != (self.patch_size, self.window //
-                                                                                self.patch_size):
-            raise ConfigError(f"PATCH_MAX={self.patch_max}, PATCH_SLOTS={self.patch_slots}: they apply to "
-                              f"PATCHING=space (fixed patches are PATCH_SIZE={self.patch_size} bytes, "
-                              f"{self.window // self.patch_size} to a window)")
+        fixed_slots = self.window // self.patch_size
+        if self.patching == "fixed" and (self.patch_max, self.patch_slots) != (self.patch_size, fixed_slots):
+            raise ConfigError(f"PATCH_MAX={self.patch_max}, PATCH_SLOTS={self.patch_slots}: they apply to PATCHING="
+                              f"space (fixed patches: PATCH_SIZE={self.patch_size} bytes, {fixed_slots} to a window)")
         if not -(-self.window // self.patch_max) <= self.patch_slots <= self.window:
             raise ConfigError(f"PATCH_SLOTS={self.patch_slots}: expected between the window's patches at PATCH_MAX="
                               f"{self.patch_max} ({-(-self.window // self.patch_max)}) and its bytes ({self.window})")
@@ -269,27 +244,21 @@ class Hyperparameters:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
         if self.ttt_freeze_blocks > self.num_layers:
-            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected at most NUM_LAYERS="
-                              f"{self.num_layers}")
+            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected <= NUM_LAYERS={self.num_layers}")
         cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
         if self.quant == "gptq" and cap > 0 and reserve is not None and reserve >= cap:
-            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: the reserve must be "
-                              f"shorter than the cap")
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve}, MAX_WALLCLOCK_SECONDS={cap}: reserve must be shorter")
 
     def training_cap_seconds(self, reserve: float | None = None) -> float:
-        """Seconds the training loop may run (0 = no cap): the cap, less what GPTQ calibration needs inside the
-        budget (`reserve`, else GPTQ_RESERVE_SECONDS; auto counts 0 until measured)."""
-        if self.max_wallclock_seconds <= 0:
-            return 0.0
-        if self.quant != "gptq":
-            return self.max_wallclock_seconds
+        """Training seconds (0 = no cap): the cap less GPTQ calibration's `reserve` (else GPTQ_RESERVE_SECONDS or 0)."""
+        cap = self.max_wallclock_seconds
+        if cap <= 0 or self.quant != "gptq":
+            return cap if cap > 0 else 0.0
         reserve = (self.gptq_reserve_seconds or 0.0) if reserve is None else reserve
-        return max(self.max_wallclock_seconds - reserve, 1e-3)
+        return max(cap - reserve, 1e-3)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample -------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID, BYTE_OFFSET = 1, 4  # ids 0-3 are pad, BOS, EOS, unk; byte b is id b+4
@@ -410,8 +379,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Per micro-step, rank r takes the r-th of W contiguous spans of the stream, so a global batch is the same
-    bytes on 1 or 8 processes. A span of B*seq+1 tokens gives B windows of seq+1 bytes overlapping by one byte."""
+    """Rank r takes the r-th of W contiguous spans per micro-step: a batch is the same bytes on 1 or 8 processes."""
 
     def __init__(self, args: Hyperparameters, rank: int, device: torch.device):
         self.stream = TokenStream(shard_paths(args.data_path, "train"), args.vocab_size)
@@ -443,9 +411,7 @@ def build_embedded_sample(out_dir: Path, num_val_docs: int = 8) -> None:
     write_atomically(out_dir / "tokenizer.json", description.encode())
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Model: patch embedding -> recurrent patch encoder -> JEPA heads -> causal byte decoder ---------------------
 
 CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain")  # kept in fp32 in the artifact
 TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stored in the artifact
@@ -458,8 +424,7 @@ def fake_quantize_int6(w: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight used in the activations' dtype. With `qat` set, training forwards see the weight
-    through straight-through int6 fake quantisation, so the model learns to live with the rounding."""
+    """fp32 weight used in the activations' dtype; with `qat`, training sees it int6-rounded, straight-through."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -479,19 +444,16 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotary position embedding over (B, H, T, D). Tables are computed per call: a cache would outlive the
-    inference-mode evaluation that filled it and then meet autograd."""
-    t = torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype)
-    angles = torch.outer(t, inv_freq)
+    """Rotary embedding of (B, H, T, D), tables per call: a cache would outlive the inference-mode eval filling it."""
+    angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=inv_freq.dtype), inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Sliding-window causal attention with FlexAttention: its block mask skips the key blocks wholly outside
-    the window, so the cost grows as T x window. Compiled: eager FlexAttention is a dense reference. Head sizes
-    are zero-padded to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
+    """Sliding-window causal attention, compiled (eager FlexAttention is dense): cost T x window. Head sizes zero-padded
+    to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
     from torch.nn.attention.flex_attention import create_block_mask
     T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
@@ -501,16 +463,14 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tenso
 
 @functools.cache
 def compiled_flex_attention():
-    """Compiled at its first call only. Imported here, not at the top: FlexAttention loads the compiler stack, which
-    would add seconds to the start of every CPU run (tests, tools) that never calls it."""
+    """Imported and compiled at the first call: FlexAttention loads the compiler stack (seconds on every CPU start)."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Exact causal attention of (B, H, T, D) where query i sees keys i-window+1..i (window >= T: all of them).
-    On CUDA, FlexAttention; elsewhere each block of `window` queries attends to its own and the previous block's
-    keys under a mask, which is exact and also costs T x window."""
+    """Exact causal attention of (B, H, T, D), query i seeing keys i-window+1..i: FlexAttention on CUDA; elsewhere
+    each block of `window` queries attends to its own and the previous block's keys, masked (also T x window)."""
     B, H, T, D = q.shape
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -539,17 +499,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
-        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         # normalised q and k keep attention logits bounded; the learned per-head gain sets their temperature
         q = apply_rotary(rms_norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), self.inv_freq)
         if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        y = local_causal_attention(q, k, v, self.window or T)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+        return self.proj(local_causal_attention(q, k, v, self.window or T).transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -563,8 +519,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with learned per-channel branch scales and a learned mix of the running
-    stream with the stack's input x0."""
+    """Pre-norm block with learned per-channel branch scales and a learned mix of the stream with the stack's input."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float,
                  window: int = 0):
@@ -583,8 +538,7 @@ class Block(nn.Module):
 
 
 class LatentHead(nn.Module):
-    """RMSNorm -> Linear -> SiLU -> Linear: the JEPA projector (patch embedding -> target latent) and predictor
-    (encoder state of patch p -> latent of patch p+1) share this shape."""
+    """RMSNorm -> Linear -> SiLU -> Linear: the JEPA projector (patch -> its latent) and predictor (-> the next's)."""
 
     def __init__(self, dim: int, hidden: int, latent: int):
         super().__init__()
@@ -596,8 +550,7 @@ class LatentHead(nn.Module):
 
 
 def ngram_buckets(ids: Tensor, buckets: int) -> Tensor:
-    """(B, L) bytes -> (B, L, 3): the hash buckets of the 2-, 3- and 4-gram ending at each byte (polynomial hash
-    mod 2^31-1, salted by the order; bytes before the window count as BOS)."""
+    """(B, L) bytes -> (B, L, 3): hash buckets of the 2-, 3- and 4-gram ending at each byte (BOS before the window)."""
     h, out = ids.long(), []
     for n in range(2, 5):
         h = (h * 1_000_003 + F.pad(ids[:, :1 - n], (n - 1, 0), value=BOS_ID)) % 2_147_483_647
@@ -606,8 +559,7 @@ def ngram_buckets(ids: Tensor, buckets: int) -> Tensor:
 
 
 class HashedNgrams(nn.Module):
-    """BLT's hashed byte n-gram embeddings: the summed rows of the 2-, 3- and 4-gram ending at each byte,
-    projected to the consumer's width from zero (so switching them on starts from the model without them)."""
+    """BLT's hashed byte n-gram embeddings, summed, projected from zero: switched on, the model starts as without."""
 
     def __init__(self, buckets: int, width: int, dim: int):
         super().__init__()
@@ -620,8 +572,7 @@ class HashedNgrams(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_i + g_i x_{i-1}: a learned, input-dependent share of the previous position's input (modded-nanogpt),
-    starting closed, and shut where the input byte is BOS: no document starts with its predecessor's last byte."""
+    """x_i + g_i x_{i-1} (modded-nanogpt), gate closed at first and shut at BOS (no document reads its predecessor)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -633,13 +584,10 @@ class SmearGate(nn.Module):
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
-def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17,
-           t_max: float = 3.0) -> Tensor:
-    """Sketched isotropic-Gaussian regulariser: project z (N, D) on unit directions (D, S) and measure, per
-    projection, the Gaussian-windowed squared distance between the empirical characteristic function and the
-    standard normal's, integrated over t in [0, t_max] (the integrand is even in t). Zero only for N(0, 1)
-    marginals, so the targets can neither collapse nor drift in scale. Computed in fp32: the phases t*x need
-    more precision than bf16 has. `weight`: 1 for the rows of z to count, 0 for the others (padding patches)."""
+def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: int = 17, t_max: float = 3.0) -> Tensor:
+    """Sketched isotropic-Gaussian regulariser: per projection of z (N, D) on unit directions (D, S), the Gaussian-
+    windowed squared distance of the empirical characteristic function from N(0, 1)'s over [0, t_max] (even in t):
+    zero only for N(0, 1) marginals (no collapse, no scale drift). fp32: phases t*x need it. `weight`: 0 for padding."""
     with torch.autocast("cuda", enabled=False):  # the only autocast this script enables
         proj = z.float() @ directions
         t = torch.linspace(0.0, t_max, knots, device=z.device)
@@ -655,8 +603,7 @@ def sigreg(z: Tensor, directions: Tensor, weight: Tensor | None = None, knots: i
 
 def sigreg_directions(dim: int, slices: int, seed: int, device: torch.device) -> Tensor:
     """Unit directions redrawn every step from a seed all ranks share, drawn on the device (no host sync)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    d = torch.randn(dim, slices, generator=g, device=device)
+    d = torch.randn(dim, slices, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     return d / d.norm(dim=0, keepdim=True)
 
 
@@ -819,12 +766,9 @@ def build_model(args: Hyperparameters) -> ByteJEPA:
 
 
 def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
-    """Analytic FLOPs per target byte (a window's, over its TRAIN_SEQ_LEN targets; 2 per multiply-add), by
-    component. Matmuls only: norms, RoPE, softmax and the losses' elementwise work are left out. Attention is
-    counted causally, as the kernels compute it: query i meets i+1 keys (in the decoder min(i+1, DECODER_WINDOW)),
-    4 FLOPs per key and channel (QK^T and AV). Training is forward + backward = 3x forward (the backward of x @ W
-    gives both dx and dW), except SIGReg's projection on fixed directions (2x); flash attention's recomputation in
-    its backward is not counted (model FLOPs, the MFU convention)."""
+    """Analytic matmul FLOPs per target byte by component (2 per multiply-add; norms, RoPE, softmax, losses left out),
+    attention causal as the kernels compute it: query i meets min(i+1, window) keys. Training: 3x forward (dx and dW),
+    SIGReg's fixed projection 2x; flash attention's backward recomputation is not counted (the MFU convention)."""
     d, P, L, T, m, dd = args.model_dim, args.patch_max, args.latent_dim, args.window, args.mlp_mult, args.decoder_dim
     patches, W = args.patch_slots, min(args.decoder_window or T, T)  # the encoder runs on every slot, padding too
     kv = args.num_kv_heads * (d // args.num_heads)
@@ -839,8 +783,7 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
         jepa_heads=patches * head_hidden,
         decoder_blocks=conditioning + args.decoder_layers * T * 2 * (4 * dd * dd + 2 * m * dd * dd),
         decoder_attention=args.decoder_layers * 4 * dd * (causal_pairs(W) + (T - W) * W),  # query i: min(i+1, W)
-        output_head=2 * dd * args.vocab_size * (T - 1 if training else T),  # training scores positions 1..
-    )
+        output_head=2 * dd * args.vocab_size * (T - 1 if training else T))  # training scores positions 1..
     if args.ngram_buckets:
         f["ngram_embeddings"] = 2 * args.ngram_dim * (d + dd) * T
     if training:
@@ -849,9 +792,7 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     return {k: v / args.train_seq_len for k, v in f.items()}
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups -----------
 
 
 def check_device(args: Hyperparameters) -> None:
@@ -861,8 +802,7 @@ def check_device(args: Hyperparameters) -> None:
     why = f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda})"
     if args.device == "cuda":
         raise ConfigError(f"DEVICE=cuda: {why}; check the driver and that the installed torch is a CUDA build")
-    raise ConfigError(f"DEVICE=auto: {why}; set DEVICE=cpu to train on the CPU on purpose, or SMOKE=1 for the "
-                      f"small embedded run")
+    raise ConfigError(f"DEVICE=auto: {why}; set DEVICE=cpu to train on the CPU on purpose, or SMOKE=1 (small run)")
 
 
 class Stopped(RunError):
@@ -931,9 +871,6 @@ class Runtime:
             raise Stopped(int(signum))
         return values
 
-    def barrier(self):
-        self.all_reduce(torch.zeros(1), group=self.host_group)
-
     def now(self) -> float:
         """perf_counter once the work queued on the device is done (CUDA runs asynchronously to the host)."""
         if self.cuda:
@@ -970,9 +907,8 @@ def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), then orthogonalised updates for 2-D weights,
-    after decoupled weight decay. Rank r orthogonalises parameters r, r+W, r+2W, ...; one all-reduce of a flat
-    buffer gives every rank every update."""
+    """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), orthogonalised, after decoupled weight decay.
+    Rank r orthogonalises parameters r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime, weight_decay: float = 0.0,
                  row_norm: bool = False):
@@ -1001,8 +937,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for the matrices of linear layers; Adam for embeddings, the output head and control tensors, decoupled
-    weight decay on all but the control tensors. Every group remembers its base learning rate for the schedule."""
+    """Muon for linear layers' matrices; Adam for embeddings, head and control tensors (no weight decay on controls)."""
     embed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] + [model.slot_pos]
     head = [model.head.weight]
     chosen = {id(p) for p in embed + head}
@@ -1020,16 +955,13 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
     return [adam, muon]
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Training: schedule, weight averaging, late QAT, the wallclock-capped loop
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Training: schedule, weight averaging, late QAT, the wallclock-capped loop ----------------------------------
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
-    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (the warmdown
-    lasts WARMDOWN_FRAC of the cap, or WARMDOWN_ITERS steps at the step time measured so far). cap_ms defaults to
-    the knobs' cap. The LR is base x (LR_FLOOR + (1 - LR_FLOOR) x scale): late QAT and SWA, which read the scale,
-    start at the same point of the warmdown whatever the floor."""
+    """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (WARMDOWN_FRAC
+    of cap_ms, default the knobs', or WARMDOWN_ITERS steps at the step time so far). LR = base x (LR_FLOOR + (1 -
+    LR_FLOOR) x scale): late QAT and SWA, which read the scale, start at the same point whatever the floor."""
     cap_ms = 1000.0 * args.training_cap_seconds() if cap_ms is None else cap_ms
     if cap_ms <= 0:
         return min(max(args.iterations - step, 0) / max(args.warmdown_iters, 1), 1.0)
@@ -1171,9 +1103,8 @@ class Trainer:
         directions = sigreg_directions(args.latent_dim, args.sigreg_slices, args.seed + step, self.rt.device)
         ce_total = torch.zeros((), device=self.rt.device)
         for _ in range(accum):
-            ids = self.loader.next_batch()
             with self.rt.autocast():
-                ce, mse, reg = self.loss_fn(ids, directions)
+                ce, mse, reg = self.loss_fn(self.loader.next_batch(), directions)
             loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
@@ -1189,8 +1120,7 @@ class Trainer:
         return ce_total / accum
 
     def prime(self):
-        """Before the clock: WARMUP_STEPS real steps (compilation, kernels; the last half with late QAT, to compile it
-        too), the evaluation and TTT graphs, the GPTQ reserve; then weights, optimizer state and data are restored."""
+        """Before the clock, then undone: WARMUP_STEPS steps (last half with late QAT), eval/TTT graphs, GPTQ timing."""
         args = self.args
         measure = args.quant == "gptq" and args.gptq_reserve_seconds is None and args.max_wallclock_seconds > 0
         if not (args.warmup_steps or self.rt.compile or measure):
@@ -1242,7 +1172,6 @@ class Trainer:
                                f"{args.head_lr:g} SCALAR_LR={args.scalar_lr:g}; {averager.after_divergence()}; "
                                f"nothing was exported")
             return shared_ms
-
         t0 = rt.now()
         while True:
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
@@ -1290,9 +1219,7 @@ class Trainer:
         return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 1))
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading -------------------
 
 SMALL_TENSOR_MAX = 65_536  # tensors this small stay fp16: int6 would save little and cost accuracy
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates, chosen per tensor
@@ -1309,7 +1236,6 @@ class SizeCapExceeded(RunError):
 class WriteFailed(RunError):
     """The artifact could not be written (a full disk, an unwritable folder, a directory in its place)."""
     exit_code = 6
-
 
 
 def stored_as_int6(name: str, t: Tensor) -> bool:
@@ -1379,7 +1305,6 @@ def collect_hessians(model: ByteJEPA, loader: DistributedTokenLoader, args: Hype
         x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
         sums[slot[module]].addmm_(x.T, x)
         rows[slot[module]] += x.size(0)
-
     handles = [m.register_forward_hook(accumulate) for m in layers.values()]
     model.eval()
     try:
@@ -1425,8 +1350,7 @@ def serialize_artifact(qstate: dict) -> bytes:
 def quantization_error(w: Tensor, entry: dict | Tensor, hessian: Tensor | None) -> float:
     """||E||^2 / ||W||^2 of a stored matrix, or tr(E H E^T) / tr(W H W^T) (its outputs' change) given a Hessian."""
     w = w.detach().float()
-    stored = dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()
-    e = w - stored.to(w.device)
+    e = w - (dequantize(entry["q"], entry["scale"]) if isinstance(entry, dict) else entry.float()).to(w.device)
     if hessian is None:
         return (e.square().sum() / w.square().sum().clamp_min(1e-30)).item()
     h = hessian.float().to(w.device)
@@ -1460,7 +1384,6 @@ def build_artifact(state_dict: dict[str, Tensor], args: Hyperparameters, hessian
         log(f"rate_control: step {rung}: {what} ({widths} matrices); artifact {len(blob)} bytes, total {total} "
             f"(cap {args.size_cap_bytes}, {'fits' if total <= args.size_cap_bytes else 'over'}); mean relative "
             f"error {sum(errors.values()) / max(len(errors), 1):.3e}, worst {max(errors.values(), default=0.0):.3e}")
-
     report("as quantised")
     while len(blob) > budget:
         Stopped.check()
@@ -1501,11 +1424,9 @@ def read_artifact(path: str | Path, where: str | None = None) -> dict:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a non-torch payload
         detail = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ConfigError(f"{where}: the decompressed file is not a torch.save payload "
-                          f"({type(e).__name__}: {detail})") from None
+        raise ConfigError(f"{where}: decompressed, not a torch.save payload ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or not state:
-        raise ConfigError(f"{where}: expected a non-empty dict of tensors (an int6 artifact), found "
-                          f"{type(state).__name__}")
+        raise ConfigError(f"{where}: expected a non-empty dict (an int6 artifact), found {type(state).__name__}")
     for name, v in state.items():
         if not isinstance(name, str):
             raise ConfigError(f"{where}: expected tensor names as keys, found {name!r}")
@@ -1513,11 +1434,9 @@ def read_artifact(path: str | Path, where: str | None = None) -> dict:
             q, scale = v.get("q"), v.get("scale")
             if (set(v) != {"q", "scale"} or not isinstance(q, Tensor) or not isinstance(scale, Tensor)
                     or q.dtype != torch.int8 or q.ndim != 2 or scale.shape != (q.size(0),)):
-                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (expected q: int8 (rows, cols) and "
-                                  f"scale: (rows,))")
+                raise ConfigError(f"{where}: entry {name} is not an int6 matrix (q: int8 (rows, cols), scale: (rows,))")
         elif not isinstance(v, Tensor) or not v.is_floating_point():
-            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or an int6 "
-                              f"matrix")
+            raise ConfigError(f"{where}: entry {name} is a {type(v).__name__}, expected a float tensor or int6 matrix")
         elif stored_as_int6(name, v) or name.startswith(TRAINING_ONLY_PREFIXES):
             raise ConfigError(f"{where}: entry {name} is stored as a plain {tuple(v.shape)} tensor, which an "
                               f"artifact never holds; this looks like a state dict, not an int6 artifact")
@@ -1572,9 +1491,7 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
     return path
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training -------
 
 
 class TargetCountMismatch(RunError):
@@ -1583,8 +1500,7 @@ class TargetCountMismatch(RunError):
 
 
 class Totals:
-    """Summed NLL (nats, float64), scored targets, and bytes among them (ids >= 4; BOS etc. count zero); `breakdown`
-    holds the same three sums per bucket (named by `labels`), and each grouping's buckets add up to `values`."""
+    """Summed NLL (nats, float64), targets and bytes (ids >= 4); `breakdown`: the same per bucket of `labels`."""
 
     def __init__(self, values: Tensor | None = None, breakdown: Tensor | None = None, labels: list[str] = ()):
         self.values = torch.zeros(3, dtype=torch.float64) if values is None else values.detach().cpu().double()
@@ -1606,9 +1522,8 @@ class Totals:
 
 
 def plan_windows(num_tokens: int, window: int, stride: int, chunk_tokens: int = 0) -> list[tuple[int, int, int]]:
-    """(start, lo, hi): the window tokens[start:start+window] scores targets lo..hi-1. Each target 1..num_tokens-1 is
-    scored once: the first window scores all its targets, later ones the next `stride`, each in the window ending at its
-    last scored target (the most left context). With chunk_tokens, no scored range crosses a multiple of it."""
+    """(start, lo, hi): tokens[start:start+window] scores targets lo..hi-1, each of 1..num_tokens-1 once: the first
+    window all its own, later ones the next `stride` at their end (most left context), none across chunk_tokens."""
     if num_tokens < window:
         raise ValueError(f"{num_tokens} tokens cannot fill one window of {window}")
     spans, lo = [], 1
@@ -1634,8 +1549,7 @@ BYTE_CLASSES = ("lower", "upper", "digit", "space", "punct", "utf8_lead", "utf8_
 
 
 def byte_class(token: int) -> int:
-    """Index in BYTE_CLASSES: ASCII letters, digits, whitespace (space, tab, LF, CR, VT, FF), other ASCII, UTF-8
-    lead (0xC0-0xFF) and continuation (0x80-0xBF) bytes; last BOS and the other special ids (charged, no byte)."""
+    """Index in BYTE_CLASSES; "bos" holds BOS and the other special ids (charged, no byte)."""
     b = token - BYTE_OFFSET
     if b < 0 or b >= 0x80:
         return 7 if b < 0 else 5 if b >= 0xC0 else 6
@@ -1651,8 +1565,7 @@ def range_labels(lows: list[int], end: int | None) -> list[str]:
 
 class Breakdown:
     """Where the bits go: each scored target adds its NLL, 1 and its byte count to one bucket per grouping: its slot
-    in its patch (windows are patched from their first byte), its byte class, its distance from the last BOS at or
-    before it in the stream and its index in its window (both log-spaced). EVAL_BREAKDOWN=0: no buckets."""
+    (windows patched from their first byte), byte class, distance from the last BOS and index in window (log-spaced)."""
 
     def __init__(self, tokens: np.ndarray, args: Hyperparameters, device: torch.device):
         self.labels, self.rows = [], []  # bucket names; each grouping's rows of them
@@ -1673,8 +1586,7 @@ class Breakdown:
         self.doc_lows = torch.tensor(doc_lows[1:], device=device)
 
     def add(self, buckets: Tensor, ids: Tensor, starts: list[int], per_target: Tensor) -> None:
-        """Adds each position's (nats, target, byte) sums (B, W, 3) to its bucket of each grouping, on the device.
-        A window's document position continues from its start's distance to the last BOS before it."""
+        """Adds sums (B, W, 3) to each grouping's buckets, on the device; doc positions may start before the window."""
         before = np.asarray(starts) - self.doc_starts[np.searchsorted(self.doc_starts, starts, side="right") - 1]
         last_start = torch.where(ids == BOS_ID, self.pos, -to_device(torch.from_numpy(before), ids.device)[:, None])
         doc_pos = self.pos - last_start.cummax(dim=1).values
@@ -1818,11 +1730,10 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     totals, per_chunk, score_times, adapt_times = Totals(labels=breakdown.labels), [], [], []
     name = "ttt" if adapt else "sliding"
     model.eval()
-    for c, chunk_spans in enumerate(by_chunk):
+    for c, chunk in enumerate(by_chunk):
         rt.meet(phase=f"evaluation ({name}, chunk {c + 1}/{num_chunks})")
         t = rt.now()
-        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk_spans, rt), args.window, batch_seqs, rt,
-                                   breakdown)
+        chunk_totals = score_spans(logits_fn, tokens, rank_share(chunk, rt), args.window, batch_seqs, rt, breakdown)
         per_chunk.append(chunk_totals)
         totals.values += chunk_totals.values
         totals.breakdown += chunk_totals.breakdown
@@ -1852,9 +1763,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     return totals, per_chunk
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report
-# -----------------------------------------------------------------------------------------------------------------
+# ---- Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report -------------------------
 
 
 class Logger:
@@ -2052,7 +1961,7 @@ def main() -> int:
     log = Logger(args.run_id, rt.master)
     try:
         run(args, rt, log)
-        rt.barrier()  # no rank tears the process group down while another still uses it (gloo aborts at exit)
+        rt.all_reduce(torch.zeros(1), group=rt.host_group)  # a barrier: gloo aborts a group torn down in use
     except (ConfigError, RunError) as e:  # a user mistake found mid-run (2), or what RunError's subclasses name
         if isinstance(e, CollectiveFailed) and Stopped.signum:  # a peer that stopped first broke the collective
             e = Stopped(Stopped.signum)
