@@ -423,17 +423,23 @@ def test_breakdown_tables_carry_the_logged_buckets(seed_logs):
     assert "ttt gain" not in out.stdout  # no sliding evaluation to compare TTT with
 
 
-def test_ttt_gain_is_measured_against_the_sliding_evaluation(seed_logs, tmp_path):
-    """A log given a sliding evaluation whose every bucket cost 10% more nats than TTT's: TTT gains a tenth of each
-    bucket's bpb, and each bucket's share of the saved nats is its share of TTT's bits."""
+def class_table_with_sliding(seed_logs, tmp_path, sliding_nats) -> tuple[dict, dict]:
+    """Seed 1's TTT buckets, and the --breakdown class table once the log is given a sliding evaluation whose buckets
+    cost sliding_nats(bucket, TTT's nats)."""
     path = copy_logs(seed_logs, tmp_path, seeds=(1,)) / "tiny_s1.txt"
     ttt = logged_buckets(path, "final_ttt")
-    sliding = [f"final_sliding_breakdown {k} nats:{1.1 * n!r} targets:{t} bytes:{b} bpb:- share:-"
+    sliding = [f"final_sliding_breakdown {k} nats:{sliding_nats(k, n)!r} targets:{t} bytes:{b} bpb:- share:-"
                for k, (n, t, b) in ttt.items()]
     edit(path, r"^(final_ttt_breakdown slot:0 .*)$", "\n".join(sliding) + r"\n\1")
     out = cli(path, "--breakdown")
     assert out.returncode == 0, out.stderr
-    table = breakdown_table(out.stdout, "class")
+    return ttt, breakdown_table(out.stdout, "class")
+
+
+def test_ttt_gain_is_measured_against_the_sliding_evaluation(seed_logs, tmp_path):
+    """A log given a sliding evaluation whose every bucket cost 10% more nats than TTT's: TTT gains a tenth of each
+    bucket's bpb, and each bucket's share of the saved nats is its share of TTT's bits."""
+    ttt, table = class_table_with_sliding(seed_logs, tmp_path, lambda k, n: 1.1 * n)
     total = sum(n for k, (n, _, _) in ttt.items() if k.startswith("class:"))
     for bucket, row in table.items():
         nats, _, nbytes = ttt[f"class:{bucket}"]
@@ -477,15 +483,8 @@ def test_ttt_gain_where_ttt_helped_one_class_and_hurt_another(seed_logs, tmp_pat
     """A sliding evaluation that cost 1.5 nats more than TTT on lowercase bytes, 0.5 fewer on whitespace and the same
     elsewhere: TTT saved 1.0 nat over the class buckets, 150% of it on lowercase and -50% on whitespace (not the
     buckets' shares of TTT's bits), and its gain in bpb is the difference's bits over each bucket's bytes."""
-    path = copy_logs(seed_logs, tmp_path, seeds=(1,)) / "tiny_s1.txt"
-    ttt = logged_buckets(path, "final_ttt")
     delta = {"class:lower": 1.5, "class:space": -0.5}
-    sliding = [f"final_sliding_breakdown {k} nats:{n + delta.get(k, 0.0)!r} targets:{t} bytes:{b} bpb:- share:-"
-               for k, (n, t, b) in ttt.items()]
-    edit(path, r"^(final_ttt_breakdown slot:0 .*)$", "\n".join(sliding) + r"\n\1")
-    out = cli(path, "--breakdown")
-    assert out.returncode == 0, out.stderr
-    table = breakdown_table(out.stdout, "class")
+    ttt, table = class_table_with_sliding(seed_logs, tmp_path, lambda k, n: n + delta.get(k, 0.0))
     assert {"lower", "space", "upper", "punct"} <= set(table)
     for bucket, row in table.items():
         nats, _, nbytes = ttt[f"class:{bucket}"]
