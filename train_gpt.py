@@ -1,6 +1,6 @@
 """Byte-level JEPA encoder-decoder for the Parameter Golf challenge (16,000,000-byte artifact, 600 s on 8xH100).
 
-A patch encoder reads the byte stream in patches of PATCH_SIZE bytes and predicts the latent of the next patch;
+A patch encoder reads the byte stream in patches (PATCH_SIZE bytes, or words) and predicts the next patch's latent;
 a causal byte decoder predicts every byte from the bytes before it, conditioned on that prediction.
 Training: Muon + Adam, wallclock-capped, EMA/SWA. Artifact: int6 (GPTQ or RTN) + LZMA, rate-controlled to the cap.
 Evaluation: exact bits per byte, sliding windows, score-first test-time training.
