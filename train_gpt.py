@@ -1956,6 +1956,10 @@ def main() -> int:
     except ConfigError as e:
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # silent, and not first out: torchrun kills the other ranks when one exits, maybe rank 0 before it spoke
+            give_up = time.time() + 60
+            while not Stopped.signum and time.time() < give_up:
+                time.sleep(0.05)
         return 2
     rt = Runtime(args)
     log = Logger(args.run_id, rt.master)
