@@ -198,6 +198,8 @@ class Hyperparameters:
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
         self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
         self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)  # 600 s - 40 (start, decoding, estimate error)
+        # a GO/NO-GO check before a paid run: min(ITERATIONS, 30) timed steps and a slice of every later phase
+        self.preflight = knob("PREFLIGHT", False)
         self.check()
 
     @property
@@ -465,15 +467,17 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tenso
 def compiled_flex_attention():
     """Imported and compiled at the first call: FlexAttention loads the compiler stack (seconds on every CPU start)."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Exact causal attention of (B, H, T, D), query i seeing keys i-window+1..i: FlexAttention on CUDA; elsewhere
-    each block of `window` queries attends to its own and the previous block's keys, masked (also T x window)."""
+    each block of `window` queries attends to its own and the previous block's keys, masked (also T x window).
+    Keys and values may have fewer heads (GQA: query head h reads key head h // (H / H_kv))."""
     B, H, T, D = q.shape
-    if window >= T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if window >= T:  # GQA in the kernel: keys and values are not copied per query head
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))  # the windowed paths: H_kv = H in this model
     if q.is_cuda:
         return flex_window_attention(q, k, v, window)
     n = -(-T // window)
@@ -503,8 +507,6 @@ class CausalSelfAttention(nn.Module):
         # normalised q and k keep attention logits bounded; the learned per-head gain sets their temperature
         q = apply_rotary(rms_norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), self.inv_freq)
-        if self.kv_heads != self.heads:
-            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         return self.proj(local_causal_attention(q, k, v, self.window or T).transpose(1, 2).reshape(B, T, C))
 
 
@@ -1089,7 +1091,7 @@ class Trainer:
     def __init__(self, args: Hyperparameters, rt: Runtime, model: ByteJEPA, val_tokens: np.ndarray, log):
         self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
         self.params, self.optimizers = list(model.parameters()), build_optimizers(model, args, rt)
-        self.loss_fn = torch.compile(model, dynamic=False) if rt.compile else model
+        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
         self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
@@ -1127,13 +1129,18 @@ class Trainer:
             return
         weights = copy.deepcopy(self.model.state_dict())
         states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        seconds = []  # the first step compiles the training graph
         for i in range(args.warmup_steps):
             self.rt.meet(phase=f"training (warm-up priming, step {i + 1}/{args.warmup_steps})")
             set_late_qat(self.model, args.late_qat_threshold > 0 and 2 * i >= args.warmup_steps)
+            t = self.rt.now()
             self.step(i, 1.0)
+            seconds.append(self.rt.now() - t)
         set_late_qat(self.model, False)
         if self.rt.compile:
+            t = self.rt.now()
             prime_evaluation_graphs(self.model, self.loader, args, self.rt)
+            self.log(f"compile: evaluation and TTT graphs {self.rt.now() - t:.1f}s")
         if measure:
             self.calibration_reserve = self.measure_calibration_reserve()
         self.model.load_state_dict(weights)
@@ -1141,7 +1148,8 @@ class Trainer:
             opt.load_state_dict(state)
         self.loader = DistributedTokenLoader(args, self.rt.rank, self.rt.device)
         if args.warmup_steps:
-            self.log(f"warmup_priming: {args.warmup_steps} steps done, weights and optimizer state restored")
+            self.log(f"warmup_priming: {args.warmup_steps} steps done (first, compiling: {seconds[0]:.1f}s; the rest "
+                     f"{sum(seconds[1:]) / max(len(seconds) - 1, 1):.3f}s each), weights and optimizer state restored")
 
     def measure_calibration_reserve(self) -> float:
         """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
@@ -1216,7 +1224,7 @@ class Trainer:
         set_late_qat(self.model, False)
         self.size_estimate.finish()
         log(averager.apply())
-        return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 1))
+        return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 3))
 
 
 # ---- Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading -------------------
@@ -1635,7 +1643,7 @@ def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def logits_function(model: ByteJEPA, rt: Runtime):
-    return torch.compile(model.forward_logits, dynamic=False) if rt.compile else model.forward_logits
+    return torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if rt.compile else model.forward_logits
 
 
 def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
@@ -1682,7 +1690,7 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
         model.train()
         if mine:
             with rt.autocast():
-                torch.compile(model, dynamic=False)(ids[:mine])[0].backward()
+                torch.compile(model, dynamic=False, fullgraph=True)(ids[:mine])[0].backward()
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(True)
@@ -1724,7 +1732,7 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
     logits_fn, batch_seqs = logits_function(model, rt), eval_batch_seqs(args, rt)
     params = ttt_parameters(model, args)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if adapt else None
-    loss_fn = torch.compile(model, dynamic=False) if adapt and rt.compile else model
+    loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if adapt and rt.compile else model
     adapting = adapt and args.ttt_epochs > 0
     breakdown = Breakdown(tokens, args, rt.device)
     totals, per_chunk, score_times, adapt_times = Totals(labels=breakdown.labels), [], [], []
@@ -1925,11 +1933,62 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     return path, model
 
 
-def run(args: Hyperparameters, rt: Runtime, log) -> None:
+def preflight(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> int:
+    """PREFLIGHT=1: this configuration's graphs compiled, a few steps, GPTQ calibration, the rate-controlled export
+    and a few TTT chunks, each timed and projected to the real run; the last line is GO or NO-GO (exit 3) and why."""
+    reasons, free = [], shutil.disk_usage(".").free
+    if free < 2 * args.size_cap_bytes:  # the artifact is written beside the one it replaces
+        reasons.append(f"{free} bytes free on disk here, fewer than twice SIZE_CAP_BYTES")
+    model = build_model(args).to(rt.device)
+    short = copy.copy(args)
+    short.iterations, short.max_wallclock_seconds, short.val_loss_every = min(args.iterations, 30), 0.0, 0
+    trainer = Trainer(short, rt, model, val_tokens, log)
+    step_s = trainer.run()["wallclock_seconds"] / max(short.iterations, 1)
+    t = rt.now()
+    hessians = collect_hessians(model, trainer.loader, args, rt) if args.quant == "gptq" else None
+    calib_s = rt.now() - t
+    cap = args.training_cap_seconds(calib_s * 1.5 + 1.0 if args.gptq_reserve_seconds is None else None)
+    steps = min(args.iterations, int(cap / max(step_s, 1e-9))) if cap else args.iterations
+    seen, shards = steps * args.train_batch_tokens, sum(map(read_shard_header, shard_paths(args.data_path, "train")))
+    mfu = trainer.flops_per_byte * args.train_batch_tokens / step_s / (trainer.peak_flops or math.inf) / rt.world
+    log(f"preflight_training: {1000 * step_s:.2f}ms/step {args.train_batch_tokens / step_s:.0f} bytes/s "
+        f"mfu:{f'{100 * mfu:.1f}%' if mfu else '-'} gptq_calibration:{calib_s:.2f}s; projected {steps} steps, "
+        f"{seen} training bytes ({seen / shards:.2f} passes over the shards)")
+    if rt.master:
+        try:
+            t = time.perf_counter()
+            size = len(build_artifact(model.state_dict(), args, hessians, log))
+            log(f"preflight_artifact: {size} bytes in {time.perf_counter() - t:.1f}s (the weights after "
+                f"{short.iterations} steps, not the trained ones)")
+        except SizeCapExceeded as e:
+            reasons.append(str(e))
+    rt.meet(phase="preflight evaluation")
+    chunks = min(3, -(-len(val_tokens) // args.ttt_chunk_tokens))
+    part = val_tokens[:chunks * args.ttt_chunk_tokens]
+    t = rt.now()
+    if args.roundtrip_eval:
+        evaluate_standard(model, part, args, rt, logits_function(model, rt))
+    for enabled, adapt in ((args.sliding_eval, False), (args.ttt_enabled, True)):
+        if enabled:
+            evaluate_score_first(model, part, args, rt, log, adapt, time.perf_counter())
+    eval_s = rt.meet((rt.now() - t) * len(val_tokens) / len(part))[0]
+    log(f"preflight_evaluation: projected {eval_s:.1f}s from {len(part) - 1} of {len(val_tokens) - 1} targets "
+        f"(EVAL_MAX_SECONDS={args.eval_max_seconds:g})")
+    if eval_s > args.eval_max_seconds:
+        reasons.append(f"the evaluation is projected at {eval_s:.3g}s, over EVAL_MAX_SECONDS={args.eval_max_seconds:g}")
+    nogo = rt.meet(float(bool(reasons)))[0]
+    log_peak_memory(rt, log)
+    log(f"preflight: {'NO-GO ' + '; '.join(reasons) if nogo else 'GO'}")
+    return 3 if nogo else 0
+
+
+def run(args: Hyperparameters, rt: Runtime, log) -> int:
     log_run_header(args, rt, log)
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     log_patching(args, rt, val_tokens, "validation", log)
+    if args.preflight:
+        return preflight(args, rt, val_tokens, log)
     facts, results = {}, {}
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
     rt.artifact = path
@@ -1945,17 +2004,19 @@ def run(args: Hyperparameters, rt: Runtime, log) -> None:
     results.update(evaluate_artifact(path, args, rt, val_tokens, log))
     log_peak_memory(rt, log)
     write_submission(args, rt, log, results, facts)
+    return 0
 
 
 def main() -> int:
     master = os.environ.get("RANK", "0") == "0"
+    verdict = BOOLEANS.get(os.environ.get("PREFLIGHT", "").strip().lower())  # under PREFLIGHT, errors are NO-GO too
     try:
         args = Hyperparameters()
         check_device(args)
         check_inputs(args)
     except ConfigError as e:
         if master:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {e}" + (f"\npreflight: NO-GO {e}" if verdict else ""), file=sys.stderr, flush=True)
         else:  # silent, and not first out: torchrun kills the other ranks when one exits, maybe rank 0 before it spoke
             give_up = time.time() + 60
             while not Stopped.signum and time.time() < give_up:
@@ -1964,12 +2025,13 @@ def main() -> int:
     rt = Runtime(args)
     log = Logger(args.run_id, rt.master)
     try:
-        run(args, rt, log)
+        code = run(args, rt, log)
         rt.all_reduce(torch.zeros(1), group=rt.host_group)  # a barrier: gloo aborts a group torn down in use
     except (ConfigError, RunError) as e:  # a user mistake found mid-run (2), or what RunError's subclasses name
         if isinstance(e, CollectiveFailed) and Stopped.signum:  # a peer that stopped first broke the collective
             e = Stopped(Stopped.signum)
         line = f"error: {stop_line(e, rt) if isinstance(e, Stopped) else e}"
+        line += f"\npreflight: NO-GO {line[7:]}" if args.preflight else ""
         log(line, console=False)
         if rt.master or (isinstance(e, CollectiveFailed) and e.exit_code == CollectiveFailed.exit_code):  # timed out
             print(line, file=sys.stderr, flush=True)
@@ -1977,7 +2039,7 @@ def main() -> int:
     finally:
         log.close()
         rt.close()
-    return 0
+    return code
 
 
 def stop_line(e: Stopped, rt: Runtime) -> str:

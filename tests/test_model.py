@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import train_gpt
 from conftest import REFERENCE, ROOT, TINY, WORD_PATCHES, randomize, realistic
 
+FLEX_ON_CPU = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 6)  # FlexAttention compiles for the CPU
+
 
 def default_args(monkeypatch, **overrides) -> train_gpt.Hyperparameters:
     """The full-size defaults (no tiny configuration in the environment), with `overrides`."""
@@ -225,14 +227,18 @@ def test_knobs_off_reproduce_the_reference_model(tiny_args):
     assert (ce.item(), mse.item(), reg.item()) == pytest.approx((5.572495937, 0.067343249, 0.185410514), rel=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("T,window", [(64, 16), (70, 16), (64, 1), (64, 63), (64, 64), (64, 200)])
-def test_local_attention_matches_dense_masked_attention(T, window):
-    """Values and gradients of the blockwise path equal dense SDPA under the sliding-window causal mask."""
+def test_local_attention_matches_dense_masked_attention(T, window, kv_heads):
+    """Values and gradients of the blockwise and full paths equal dense SDPA under the sliding-window causal mask,
+    GQA included: query head h reads key/value head h // (4 / kv_heads), copied here by hand."""
     g = torch.Generator().manual_seed(T + window)
-    q, k, v = (torch.randn(2, 3, T, 8, generator=g, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 4, T, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, T, 8, generator=g, requires_grad=True) for _ in range(2))
     i = torch.arange(T)
     mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
-    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    shared = [h * kv_heads // 4 for h in range(4)]
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k[:, shared], v[:, shared], attn_mask=mask)
     out = train_gpt.local_causal_attention(q, k, v, window)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad((out * reference.detach()).sum(), (q, k, v))
@@ -241,8 +247,8 @@ def test_local_attention_matches_dense_masked_attention(T, window):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 6),
-                    reason="FlexAttention compiles for the CPU from torch 2.6 on; tests/test_cuda.py covers the GPU")
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="FlexAttention compiles for the CPU from torch 2.6 on; tests/test_cuda.py "
+                    "covers the GPU")
 @pytest.mark.parametrize("head", [16, 24])
 def test_flex_window_attention_matches_dense_masked_attention(head):
     """The CUDA kernel path (FlexAttention with a sliding-window block mask), forward on the CPU; a head size of
@@ -256,6 +262,28 @@ def test_flex_window_attention_matches_dense_masked_attention(head):
     with torch.no_grad():
         torch.testing.assert_close(train_gpt.flex_window_attention(q, k, v, window), reference, rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "flex"] if FLEX_ON_CPU else ["cpu"])
+@pytest.mark.parametrize("patching", ["fixed", "space"])
+def test_training_and_scoring_graphs_have_no_graph_break(tiny_args, monkeypatch, patching, kernel):
+    """Every torch.compile here has fullgraph=True, so a break would stop a GPU run at its first compile: dynamo
+    traces the training forward (losses) and the scoring forward in one graph each, with a windowed decoder, on the
+    CPU's attention and on FlexAttention, the CUDA kernel (scoring only: it has no backward on the CPU)."""
+    args = tiny_args(DECODER_WINDOW=16, **(WORD_PATCHES if patching == "space" else {}))
+    model = train_gpt.build_model(args)
+    ids = torch.randint(0, 260, (2, args.window), generator=torch.Generator().manual_seed(0))
+    if kernel == "flex":
+        local = train_gpt.local_causal_attention
+        monkeypatch.setattr(train_gpt, "local_causal_attention", lambda q, k, v, window: local(q, k, v, window)
+                            if window >= q.size(-2) else train_gpt.flex_window_attention(q, k, v, window))
+        with torch.no_grad():
+            graphs = [torch._dynamo.explain(model.forward_logits)(ids)]
+    else:
+        directions = train_gpt.sigreg_directions(args.latent_dim, args.sigreg_slices, 0, torch.device("cpu"))
+        graphs = [torch._dynamo.explain(model)(ids, directions), torch._dynamo.explain(model.forward_logits)(ids)]
+    for explained in graphs:
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_ngram_buckets_hash_exactly_the_bytes_ending_at_each_position():
