@@ -716,7 +716,7 @@ class ByteJEPA(nn.Module):
         start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
         conds = self.conditioning(torch.cat((start, predicted[:, :-1]), dim=1), patch, slot)
         prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
-        x = self.dec_emb(prev) + conds[0]
+        x = self.dec_emb(prev).to(conds[0].dtype) + conds[0]  # bf16 under autocast, like the encoder's stream
         if self.dec_ngrams is not None:
             x = x + self.dec_ngrams(prev)
         if self.smear is not None:

@@ -286,6 +286,27 @@ def test_training_and_scoring_graphs_have_no_graph_break(tiny_args, monkeypatch,
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def test_residual_streams_are_bf16_under_autocast_and_the_scores_stay_close(tiny_args):
+    """CUDA trains under bf16 autocast: both streams, the encoder's and the decoder's, run in bf16 through every block
+    (half the bytes per elementwise op), while the logits are float32; the loss stays within 0.1% of float32's.
+    The CPU has no autocast here, so the same blocks stay float32 (the golden tests pin those values)."""
+    args = tiny_args(DECODER_WINDOW=16)
+    model = randomize(train_gpt.build_model(args), std=0.1)
+    ids = torch.randint(0, 260, (2, args.window), generator=torch.Generator().manual_seed(0))
+    streams = []
+    for block in (*model.blocks, *model.dec_blocks):
+        block.register_forward_hook(lambda module, inputs, output: streams.append((inputs[0].dtype, output.dtype)))
+    exact = model.forward_logits(ids)
+    assert set(streams) == {(torch.float32, torch.float32)}
+    streams.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.forward_logits(ids)
+    assert set(streams) == {(torch.bfloat16, torch.bfloat16)} and len(streams) == 2 * 2 + 1  # 2 blocks x 2, 1
+    assert logits.dtype == torch.float32
+    ce, ce_exact = (F.cross_entropy(x.flatten(0, 1), ids.flatten()).item() for x in (logits, exact))
+    assert ce == pytest.approx(ce_exact, rel=1e-3)
+
+
 def test_ngram_buckets_hash_exactly_the_bytes_ending_at_each_position():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 260, (2, 40), generator=g)
