@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -198,8 +198,7 @@ class Hyperparameters:
         self.ttt_log_every = knob("TTT_LOG_EVERY", 50, lo=1)
         self.eval_breakdown = knob("EVAL_BREAKDOWN", True)  # final evaluations log bits by slot, class, position
         self.eval_max_seconds = knob("EVAL_MAX_SECONDS", 560.0, lo=0.0)  # 600 s - 40 (start, decoding, estimate error)
-        # a GO/NO-GO check before a paid run: min(ITERATIONS, 30) timed steps and a slice of every later phase
-        self.preflight = knob("PREFLIGHT", False)
+        self.preflight = knob("PREFLIGHT", False)  # GO/NO-GO before a paid run: the run for 30 steps, 3 TTT chunks
         self.check()
 
     @property
@@ -245,6 +244,8 @@ class Hyperparameters:
             if self.ttt_chunk_tokens % self.window:
                 raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: expected a multiple of the window "
                                   f"TRAIN_SEQ_LEN+1={self.window}")
+        if self.preflight and self.eval_only:
+            raise ConfigError(f"PREFLIGHT=1, EVAL_ONLY={self.eval_only}: a preflight checks a training run; unset one")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected <= NUM_LAYERS={self.num_layers}")
         cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
@@ -256,8 +257,7 @@ class Hyperparameters:
         cap = self.max_wallclock_seconds
         if cap <= 0 or self.quant != "gptq":
             return cap if cap > 0 else 0.0
-        reserve = (self.gptq_reserve_seconds or 0.0) if reserve is None else reserve
-        return max(cap - reserve, 1e-3)
+        return max(cap - ((self.gptq_reserve_seconds or 0.0) if reserve is None else reserve), 1e-3)
 
 
 # ---- Data: the official byte260 shard format, a deterministic streaming loader, the embedded sample -------------
@@ -454,13 +454,14 @@ def apply_rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Sliding-window causal attention, compiled (eager FlexAttention is dense): cost T x window. Head sizes zero-padded
-    to a power of two (older FlexAttention accepts no other), in one dtype (it has no autocast)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """Sliding-window causal attention, compiled (eager FlexAttention is dense; in a compiled graph, with it): cost T x
+    window. Head sizes zero-padded to a power of two (older FlexAttention takes no other), one dtype (no autocast)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     T, D = q.size(-2), q.size(-1)
     mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
     q, k, v = (F.pad(t.to(v.dtype), (0, (1 << (D - 1).bit_length()) - D)) for t in (q, k, v))
-    return compiled_flex_attention()(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
+    flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()  # no torch.compile nested
+    return flex(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
 
 
 @functools.cache
@@ -565,12 +566,11 @@ class HashedNgrams(nn.Module):
 
     def __init__(self, buckets: int, width: int, dim: int):
         super().__init__()
-        self.buckets = buckets
         self.table = nn.Embedding(buckets, width)
         self.proj = CastedLinear(width, dim, zero_init=True)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.proj(self.table(ngram_buckets(ids, self.buckets)).sum(-2))
+        return self.proj(self.table(ngram_buckets(ids, self.table.num_embeddings)).sum(-2))
 
 
 class SmearGate(nn.Module):
@@ -942,9 +942,8 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
     """Muon for linear layers' matrices; Adam for embeddings, head and control tensors (no weight decay on controls)."""
     embed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] + [model.slot_pos]
     head = [model.head.weight]
-    chosen = {id(p) for p in embed + head}
-    matrices = [p for m in model.modules() if isinstance(m, CastedLinear) for p in [m.weight] if id(p) not in chosen]
-    chosen |= {id(p) for p in matrices}
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.head]
+    chosen = {id(p) for p in embed + head + matrices}
     scalars = [p for p in model.parameters() if id(p) not in chosen]
     wd = dict(weight_decay=args.weight_decay)
     adam = torch.optim.AdamW([dict(params=embed, lr=args.embed_lr, **wd), dict(params=head, lr=args.head_lr, **wd),
@@ -1047,42 +1046,20 @@ class SharedClock:
         return shared_ms, step, math.nan if bad == 2 else math.inf if bad else value
 
 
-class SizeEstimate:
-    """Once, early, the weights' int6 RTN + LZMA size for the log, no GPU work: a side-stream copy, a CPU thread."""
+def estimate_size(step: int, model: nn.Module, cap: int, log, worker: ThreadPoolExecutor) -> Future:
+    """Once, early, the weights' int6 RTN + LZMA size for the log, from a CPU thread: the copy goes to pinned memory on
+    the compute stream (the optimizer's next update follows it; the host never waits), and the thread waits for it."""
+    state = {k: v.detach().to("cpu", copy=True, non_blocking=True) for k, v in model.state_dict().items()}
+    copied = torch.cuda.current_stream().record_event() if next(model.parameters()).is_cuda else None
 
-    def __init__(self, rt: Runtime, log, cap: int):
-        self.rt, self.log, self.cap, self.copied, self.future = rt, log, cap, None, None
-        self.worker = ThreadPoolExecutor(max_workers=1)  # starts its thread on the first submit only
-
-    def start(self, step: int, model: nn.Module):
-        state = {k: v.detach() if self.rt.cuda else v.detach().clone() for k, v in model.state_dict().items()}
-        if self.rt.cuda:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                state = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                         for k, v in state.items()}
-            self.copied = stream.record_event()
-        self.future = self.worker.submit(self.report, step, state, self.copied)
-
-    def report(self, step: int, state: dict[str, Tensor], copied):
+    def report():
         if copied is not None:
             copied.synchronize()
         model_bytes, code_bytes = len(serialize_artifact(quantize_state(state))), len(Path(__file__).read_bytes())
-        verdict = "fits" if model_bytes + code_bytes <= self.cap else "over: the export will coarsen it to fit"
-        self.log(f"size_estimate: weights at step {step} would compress to {model_bytes} bytes, "
-                 f"{model_bytes + code_bytes} with the code, cap {self.cap} ({verdict}; int6 round-to-nearest)")
-
-    def before_update(self):
-        """The optimizer must not overwrite weights still being copied."""
-        if self.copied is not None:
-            torch.cuda.current_stream().wait_event(self.copied)
-            self.copied = None
-
-    def finish(self):
-        if self.future is not None:
-            self.future.result()
-        self.worker.shutdown()
+        verdict = "fits" if model_bytes + code_bytes <= cap else "over: the export will coarsen it to fit"
+        log(f"size_estimate: weights at step {step} would compress to {model_bytes} bytes, "
+            f"{model_bytes + code_bytes} with the code, cap {cap} ({verdict}; int6 round-to-nearest)")
+    return worker.submit(report)
 
 
 class Trainer:
@@ -1093,7 +1070,7 @@ class Trainer:
         self.params, self.optimizers = list(model.parameters()), build_optimizers(model, args, rt)
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
-        self.size_estimate = SizeEstimate(rt, log, args.size_cap_bytes)
+        self.worker = ThreadPoolExecutor(max_workers=1)  # the size estimate's; starts its thread on the first submit
         self.calibration_reserve = args.gptq_reserve_seconds or 0.0  # auto: measured in `prime`
         card = torch.cuda.get_device_name(rt.device) if rt.cuda else ""  # CPUs and unknown cards: no MFU
         self.peak_flops = next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in card), None)
@@ -1111,7 +1088,6 @@ class Trainer:
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
         all_reduce_grads(self.params, self.rt)
-        self.size_estimate.before_update()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * (args.lr_floor + (1.0 - args.lr_floor) * scale)
@@ -1129,39 +1105,32 @@ class Trainer:
             return
         weights = copy.deepcopy(self.model.state_dict())
         states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        seconds = []  # the first step compiles the training graph
+        times = [self.rt.now()]  # the first step compiles the training graph
         for i in range(args.warmup_steps):
             self.rt.meet(phase=f"training (warm-up priming, step {i + 1}/{args.warmup_steps})")
             set_late_qat(self.model, args.late_qat_threshold > 0 and 2 * i >= args.warmup_steps)
-            t = self.rt.now()
             self.step(i, 1.0)
-            seconds.append(self.rt.now() - t)
+            times.append(self.rt.now())
         set_late_qat(self.model, False)
         if self.rt.compile:
-            t = self.rt.now()
             prime_evaluation_graphs(self.model, self.loader, args, self.rt)
-            self.log(f"compile: evaluation and TTT graphs {self.rt.now() - t:.1f}s")
-        if measure:
-            self.calibration_reserve = self.measure_calibration_reserve()
+            self.log(f"compile: the evaluation and TTT graphs in {self.rt.now() - times[-1]:.1f}s")
+        if measure:  # GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s
+            for _ in range(2):  # the second is timed: the first pays for warm-up
+                t = self.rt.now()
+                collect_hessians(self.model, self.loader, args, self.rt, batches=1)
+            batch_s = self.rt.meet(self.rt.now() - t)[0]  # one reserve for every rank
+            self.calibration_reserve = 1.5 * args.gptq_calib_batches * batch_s + 1.0
+            self.log(f"gptq_reserve: auto {self.calibration_reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
+                     f"{args.gptq_calib_batches} batches x 1.5 + 1s)")
+            self.model.train()
         self.model.load_state_dict(weights)
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
         self.loader = DistributedTokenLoader(args, self.rt.rank, self.rt.device)
         if args.warmup_steps:
-            self.log(f"warmup_priming: {args.warmup_steps} steps done (first, compiling: {seconds[0]:.1f}s; the rest "
-                     f"{sum(seconds[1:]) / max(len(seconds) - 1, 1):.3f}s each), weights and optimizer state restored")
-
-    def measure_calibration_reserve(self) -> float:
-        """GPTQ_RESERVE_SECONDS=auto: one calibration batch timed (after one untimed), x batches x 1.5 + 1 s."""
-        for _ in range(2):  # the second is timed: the first pays for warm-up
-            t = self.rt.now()
-            collect_hessians(self.model, self.loader, self.args, self.rt, batches=1)
-        batch_s = self.rt.meet(self.rt.now() - t)[0]  # one reserve for every rank
-        reserve = 1.5 * self.args.gptq_calib_batches * batch_s + 1.0
-        self.log(f"gptq_reserve: auto {reserve:.2f}s (one calibration batch {batch_s:.3f}s x "
-                 f"{self.args.gptq_calib_batches} batches x 1.5 + 1s)")
-        self.model.train()
-        return reserve
+            self.log(f"warmup_priming: {args.warmup_steps} steps done (first, compiling: {times[1] - times[0]:.1f}s; "
+                     f"others {(times[-1] - times[1]) / max(len(times) - 2, 1):.3f}s), weights and optimizer restored")
 
     def run(self) -> dict:
         args, rt, log = self.args, self.rt, self.log
@@ -1169,7 +1138,7 @@ class Trainer:
         self.prime()
         averager, clock = WeightAverager(self.model, args), SharedClock(rt)
         cap_ms = 1000.0 * args.training_cap_seconds(self.calibration_reserve)
-        train_ms, shared_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False  # shared_ms: by SharedClock
+        train_ms, shared_ms, step, stop_after, qat_on, estimate = 0.0, 0.0, 0, None, False, None
 
         def read_clock(elapsed_ms: float) -> float:
             """The shared clock; a non-finite loss on any rank ends the training on every rank."""
@@ -1208,7 +1177,7 @@ class Trainer:
             step += 1
             averager.update(step, scale)
             if rt.master and step == min(100, max(args.iterations // 10, 1)):  # early, past the first big moves
-                self.size_estimate.start(step, self.model)
+                estimate = estimate_size(step, self.model, args.size_cap_bytes, log, self.worker)
             if step % args.train_log_every == 0 or step <= 10:
                 ce = rt.all_reduce(ce) / rt.world
                 elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
@@ -1222,9 +1191,11 @@ class Trainer:
             if cap_ms > 0 and stop_after is None and shared_ms + shared_ms / step >= cap_ms:
                 stop_after = step
         set_late_qat(self.model, False)
-        self.size_estimate.finish()
+        self.worker.shutdown()  # waits for the size estimate
+        if estimate is not None:
+            estimate.result()  # raises what the estimate raised
         log(averager.apply())
-        return dict(step_stop=step, wallclock_seconds=round(train_ms / 1000.0, 3))
+        return dict(step_stop=step, wallclock_seconds=round(train_ms / 1e3, 3), reserve=self.calibration_reserve)
 
 
 # ---- Artifact: int6 quantisation (round-to-nearest or GPTQ), LZMA, size accounting, reloading -------------------
@@ -1481,7 +1452,7 @@ def check_size(model_bytes: int, code_bytes: int, log, cap: int = SIZE_CAP_BYTES
 
 def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameters, rt: Runtime, log) -> Path:
     """Rank 0 builds and writes the artifact, whole or not at all; all ranks return its path or raise rank 0's error."""
-    path, failure = Path(ARTIFACT_NAME), None
+    path, failure = Path("preflight_model.int6.ptz" if args.preflight else ARTIFACT_NAME), None  # beside a real one
     if rt.master:
         try:
             blob = build_artifact(model.state_dict(), args, hessians, log)
@@ -1691,9 +1662,8 @@ def prime_evaluation_graphs(model: ByteJEPA, loader: DistributedTokenLoader, arg
         if mine:
             with rt.autocast():
                 torch.compile(model, dynamic=False, fullgraph=True)(ids[:mine])[0].backward()
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
     model.train()
 
 
@@ -1816,19 +1786,6 @@ def log_run_header(args: Hyperparameters, rt: Runtime, log) -> None:
         log(f"data: EMBEDDED SAMPLE (pydoc topics, {args.data_path}), not FineWeb: figures are for smoke testing only")
 
 
-def log_flops(args: Hyperparameters, rt: Runtime, log) -> None:
-    """FLOPs per target byte by component, and their totals; the decoder attention's span and kernel."""
-    kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
-    window = args.decoder_window if 0 < args.decoder_window < args.window else 0
-    log("decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
-    totals = {}
-    for kind, training in (("train", True), ("eval", False)):
-        parts = flops_per_byte(args, training)
-        totals[kind] = sum(parts.values())
-        log(f"flops_{kind}_components: " + " ".join(f"{k}:{v:.0f}" for k, v in parts.items()))
-    log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
-
-
 def log_patching(args: Hyperparameters, rt: Runtime, tokens: np.ndarray, split: str, log) -> None:
     """How the split's consecutive windows are patched: mean and longest patch, and the share of bytes in tails cut
     into PATCH_MAX-byte patches because a window ran out of slots (patch_layout)."""
@@ -1909,7 +1866,15 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     model = build_model(args).to(rt.device)
     stored = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(TRAINING_ONLY_PREFIXES))
     log(f"model_params:{sum(p.numel() for p in model.parameters())} (stored: {stored})")
-    log_flops(args, rt, log)
+    kernel = "flex_attention (sliding-window block mask)" if rt.cuda else "sdpa (blocks of the window, masked)"
+    window = args.decoder_window if 0 < args.decoder_window < args.window else 0
+    log("decoder_attention: " + (f"window:{window} kernel:{kernel}" if window else "window:full kernel:sdpa causal"))
+    totals = {}  # FLOPs per target byte by component, and their totals
+    for kind, training in (("train", True), ("eval", False)):
+        parts = flops_per_byte(args, training)
+        totals[kind] = sum(parts.values())
+        log(f"flops_{kind}_components: " + " ".join(f"{k}:{v:.0f}" for k, v in parts.items()))
+    log(f"flops_per_byte train:{totals['train']:.0f} eval:{totals['eval']:.0f}")
     first = load_data_shard(shard_paths(args.data_path, "train")[0], args.vocab_size)[:4 * args.train_batch_tokens]
     log_patching(args, rt, first, "training, the first 4 steps' bytes", log)
     trainer = Trainer(args, rt, model, val_tokens, log)
@@ -1933,53 +1898,21 @@ def train_and_export(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray,
     return path, model
 
 
-def preflight(args: Hyperparameters, rt: Runtime, val_tokens: np.ndarray, log) -> int:
-    """PREFLIGHT=1: this configuration's graphs compiled, a few steps, GPTQ calibration, the rate-controlled export
-    and a few TTT chunks, each timed and projected to the real run; the last line is GO or NO-GO (exit 3) and why."""
+def preflight_verdict(args: Hyperparameters, facts: dict, eval_s: float, log) -> int:
+    """PREFLIGHT=1's last lines: the real run projected from the short one (its steps at the timed ms/step inside the
+    cap less the GPTQ reserve, its evaluation scaled up from three TTT chunks), then GO, or NO-GO (exit 3) and why."""
+    step_s = facts["wallclock_seconds"] / max(facts["step_stop"], 1)
+    cap = args.training_cap_seconds(facts["reserve"])
+    steps = min(args.iterations, int(cap / max(step_s, 1e-9))) if cap else args.iterations
+    log(f"preflight_projection: {steps} steps of {1000 * step_s:.2f}ms, {steps * args.train_batch_tokens} training "
+        f"bytes; evaluation {eval_s:.1f}s (EVAL_MAX_SECONDS={args.eval_max_seconds:g})")
     reasons, free = [], shutil.disk_usage(".").free
     if free < 2 * args.size_cap_bytes:  # the artifact is written beside the one it replaces
         reasons.append(f"{free} bytes free on disk here, fewer than twice SIZE_CAP_BYTES")
-    model = build_model(args).to(rt.device)
-    short = copy.copy(args)
-    short.iterations, short.max_wallclock_seconds, short.val_loss_every = min(args.iterations, 30), 0.0, 0
-    trainer = Trainer(short, rt, model, val_tokens, log)
-    step_s = trainer.run()["wallclock_seconds"] / max(short.iterations, 1)
-    t = rt.now()
-    hessians = collect_hessians(model, trainer.loader, args, rt) if args.quant == "gptq" else None
-    calib_s = rt.now() - t
-    cap = args.training_cap_seconds(calib_s * 1.5 + 1.0 if args.gptq_reserve_seconds is None else None)
-    steps = min(args.iterations, int(cap / max(step_s, 1e-9))) if cap else args.iterations
-    seen, shards = steps * args.train_batch_tokens, sum(map(read_shard_header, shard_paths(args.data_path, "train")))
-    mfu = trainer.flops_per_byte * args.train_batch_tokens / step_s / (trainer.peak_flops or math.inf) / rt.world
-    log(f"preflight_training: {1000 * step_s:.2f}ms/step {args.train_batch_tokens / step_s:.0f} bytes/s "
-        f"mfu:{f'{100 * mfu:.1f}%' if mfu else '-'} gptq_calibration:{calib_s:.2f}s; projected {steps} steps, "
-        f"{seen} training bytes ({seen / shards:.2f} passes over the shards)")
-    if rt.master:
-        try:
-            t = time.perf_counter()
-            size = len(build_artifact(model.state_dict(), args, hessians, log))
-            log(f"preflight_artifact: {size} bytes in {time.perf_counter() - t:.1f}s (the weights after "
-                f"{short.iterations} steps, not the trained ones)")
-        except SizeCapExceeded as e:
-            reasons.append(str(e))
-    rt.meet(phase="preflight evaluation")
-    chunks = min(3, -(-len(val_tokens) // args.ttt_chunk_tokens))
-    part = val_tokens[:chunks * args.ttt_chunk_tokens]
-    t = rt.now()
-    if args.roundtrip_eval:
-        evaluate_standard(model, part, args, rt, logits_function(model, rt))
-    for enabled, adapt in ((args.sliding_eval, False), (args.ttt_enabled, True)):
-        if enabled:
-            evaluate_score_first(model, part, args, rt, log, adapt, time.perf_counter())
-    eval_s = rt.meet((rt.now() - t) * len(val_tokens) / len(part))[0]
-    log(f"preflight_evaluation: projected {eval_s:.1f}s from {len(part) - 1} of {len(val_tokens) - 1} targets "
-        f"(EVAL_MAX_SECONDS={args.eval_max_seconds:g})")
     if eval_s > args.eval_max_seconds:
         reasons.append(f"the evaluation is projected at {eval_s:.3g}s, over EVAL_MAX_SECONDS={args.eval_max_seconds:g}")
-    nogo = rt.meet(float(bool(reasons)))[0]
-    log_peak_memory(rt, log)
-    log(f"preflight: {'NO-GO ' + '; '.join(reasons) if nogo else 'GO'}")
-    return 3 if nogo else 0
+    log(f"preflight: {'NO-GO ' + '; '.join(reasons) if reasons else 'GO'}")
+    return 3 if reasons else 0
 
 
 def run(args: Hyperparameters, rt: Runtime, log) -> int:
@@ -1987,9 +1920,10 @@ def run(args: Hyperparameters, rt: Runtime, log) -> int:
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     log_patching(args, rt, val_tokens, "validation", log)
-    if args.preflight:
-        return preflight(args, rt, val_tokens, log)
-    facts, results = {}, {}
+    facts, results, real, share = {}, {}, args, 1.0
+    if args.preflight:  # the same run, short: 30 steps, then every evaluation on three TTT chunks, timed
+        args, share = copy.copy(args), min(3 * args.ttt_chunk_tokens / len(val_tokens), 1.0)
+        args.iterations, val_tokens = min(args.iterations, 30), val_tokens[:3 * args.ttt_chunk_tokens]
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
     rt.artifact = path
     model_bytes, code_bytes = path.stat().st_size, len(Path(__file__).read_bytes())
@@ -2001,8 +1935,12 @@ def run(args: Hyperparameters, rt: Runtime, log) -> int:
         results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
         log_final(log, "final_prequant", results["final_prequant"])
     del model
+    t = rt.now()
     results.update(evaluate_artifact(path, args, rt, val_tokens, log))
+    eval_s = rt.meet((rt.now() - t) / share)[0]  # the slowest rank's
     log_peak_memory(rt, log)
+    if args.preflight:
+        return preflight_verdict(real, facts, eval_s, log)
     write_submission(args, rt, log, results, facts)
     return 0
 

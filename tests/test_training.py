@@ -5,6 +5,7 @@ import math
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -312,7 +313,7 @@ def test_training_stops_after_the_last_step_that_ends_inside_the_cap(tiny_args, 
     lines = []
     val = train_gpt.load_validation_tokens(args)
     facts = train_gpt.Trainer(args, cpu_runtime, train_gpt.build_model(args), val, lines.append).run()
-    assert facts == dict(step_stop=steps, wallclock_seconds=steps / 10)
+    assert facts == dict(step_stop=steps, wallclock_seconds=steps / 10, reserve=0.0)
     assert f"stopping_early: wallclock_cap train_time:{steps * 100}ms step:{steps}/100000" in lines
 
 
@@ -443,16 +444,15 @@ def test_a_rank_other_than_0_prints_only_its_own_timeout(corpus, tmp_path, monke
     assert not (tmp_path / "logs").exists()
 
 
-def test_the_size_estimate_counts_the_code_and_fits_exactly_at_the_cap(tiny_args, cpu_runtime):
+def test_the_size_estimate_counts_the_code_and_fits_exactly_at_the_cap(tiny_args):
     """The early estimate's bytes are what an RTN export of those weights writes, its total adds this script's size,
     and its verdict holds exactly at the cap and turns one byte below it."""
     model = realistic(train_gpt.build_model(tiny_args()), seed=1)
 
     def estimate(cap: int) -> str:
         lines = []
-        size = train_gpt.SizeEstimate(cpu_runtime, lines.append, cap)
-        size.start(7, model)
-        size.finish()
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            train_gpt.estimate_size(7, model, cap, lines.append, worker).result()
         assert len(lines) == 1
         return lines[0]
 

@@ -252,6 +252,8 @@ def flags_of(run: Run) -> list[str]:
                      else "no final_*_roundtrip_exact line")
     if run.bytes_total is None:
         flags.append("no 'Total submission size' line")
+    if run.hparams.get("preflight") == "True":
+        flags.append("a preflight (PREFLIGHT=1): 30 steps, scored on three TTT chunks")
     return flags
 
 
