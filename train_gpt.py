@@ -457,11 +457,11 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tenso
     """Sliding-window causal attention, compiled (eager FlexAttention is dense; in a compiled graph, with it): cost T x
     window. Head sizes zero-padded to a power of two (older FlexAttention takes no other), one dtype (no autocast)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    T, D = q.size(-2), q.size(-1)
-    mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
+    T, D, inside = q.size(-2), q.size(-1), torch.compiler.is_compiling()  # inside: no torch.compile nested
+    mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device,
+                             _compile=not inside)  # eager, a dense T x T mask unless compiled (GPTQ calibration)
     q, k, v = (F.pad(t.to(v.dtype), (0, (1 << (D - 1).bit_length()) - D)) for t in (q, k, v))
-    flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()  # no torch.compile nested
-    return flex(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
+    return (flex_attention if inside else compiled_flex_attention())(q, k, v, block_mask=mask, scale=D ** -0.5)[..., :D]
 
 
 @functools.cache
@@ -1932,7 +1932,7 @@ def run(args: Hyperparameters, rt: Runtime, log) -> int:
     log_peak_memory(rt, log)
     if model is not None and args.prequant_eval:
         rt.meet(phase="evaluation (final_prequant)")
-        results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt)
+        results["final_prequant"] = evaluate_standard(model, val_tokens, args, rt, logits_function(model, rt))
         log_final(log, "final_prequant", results["final_prequant"])
     del model
     t = rt.now()
