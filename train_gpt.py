@@ -478,7 +478,7 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tens
     B, H, T, D = q.shape
     if window >= T:  # GQA in the kernel: keys and values are not copied per query head
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))  # the windowed paths: H_kv = H in this model
+    k, v = (t.repeat_interleave(H // t.size(1), dim=1) if t.size(1) < H else t for t in (k, v))  # windowed: H_kv = H
     if q.is_cuda:
         return flex_window_attention(q, k, v, window)
     n = -(-T // window)
