@@ -1920,9 +1920,9 @@ def run(args: Hyperparameters, rt: Runtime, log) -> int:
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{len(val_tokens)} targets:{len(val_tokens) - 1}")
     log_patching(args, rt, val_tokens, "validation", log)
-    facts, results, real, share = {}, {}, args, 1.0
+    facts, results, real, split_tokens = {}, {}, args, len(val_tokens)
     if args.preflight:  # the same run, short: 30 steps, then every evaluation on three TTT chunks, timed
-        args, share = copy.copy(args), min(3 * args.ttt_chunk_tokens / len(val_tokens), 1.0)
+        args = copy.copy(args)
         args.iterations, val_tokens = min(args.iterations, 30), val_tokens[:3 * args.ttt_chunk_tokens]
     path, model = (Path(args.eval_only), None) if args.eval_only else train_and_export(args, rt, val_tokens, log, facts)
     rt.artifact = path
@@ -1937,7 +1937,7 @@ def run(args: Hyperparameters, rt: Runtime, log) -> int:
     del model
     t = rt.now()
     results.update(evaluate_artifact(path, args, rt, val_tokens, log))
-    eval_s = rt.meet((rt.now() - t) / share)[0]  # the slowest rank's
+    eval_s = rt.meet((rt.now() - t) * split_tokens / len(val_tokens))[0]  # the slowest rank's, for the whole split
     log_peak_memory(rt, log)
     if args.preflight:
         return preflight_verdict(real, facts, eval_s, log)
