@@ -92,8 +92,6 @@ SMOKE_DEFAULTS = dict(
 
 
 class Hyperparameters:
-    """Reads every knob from the environment at construction, then checks that they fit together."""
-
     def __init__(self):
         self.smoke = env("SMOKE", False)  # embedded sample + small model, for a laptop or CI
         d = SMOKE_DEFAULTS if self.smoke else {}
@@ -294,7 +292,6 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
 
 
 def read_shard_header(path: Path) -> int:
-    """Token count of a shard, after checking its magic, version and file size."""
     if not path.is_file():
         raise ConfigError(f"{path}: shard file not found")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)  # fewer ints if the file is shorter
@@ -309,7 +306,6 @@ def read_shard_header(path: Path) -> int:
 
 
 def load_data_shard(path: str | Path, vocab_size: int = 260) -> np.ndarray:
-    """A shard's tokens (uint16), checked against the header and the vocabulary."""
     path = Path(path)
     count = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
@@ -420,7 +416,6 @@ TRAINING_ONLY_PREFIXES = ("projector.",)  # used by the JEPA loss only: not stor
 
 
 def fake_quantize_int6(w: Tensor) -> Tensor:
-    """What per-row int6 rounding (scale = row amax / 31) would make of w."""
     scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31.0
     return torch.clamp(torch.round(w / scale), -31, 31) * scale
 
@@ -436,8 +431,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat and self.training:
-            w = w + (fake_quantize_int6(w) - w).detach()
+        w = w + (fake_quantize_int6(w) - w).detach() if self.qat and self.training else w
         return F.linear(x, w.to(x.dtype))
 
 
@@ -679,8 +673,7 @@ class ByteJEPA(nn.Module):
 
     def to_bytes(self, c: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
         """(B, S, D) per patch -> per byte: its slot's part (B, L, D/P) (per-slot latents), or its patch's (B, L, D)."""
-        B, S, D = c.shape
-        P = self.patch_max
+        B, D, P = c.size(0), c.size(-1), self.patch_max
         if self.patching == "fixed":
             return c.view(B, -1, D // P) if self.latent_per_slot else c.repeat_interleave(P, dim=1)
         if self.latent_per_slot:
@@ -688,11 +681,9 @@ class ByteJEPA(nn.Module):
         return c.gather(1, patch[..., None].expand(-1, -1, c.size(-1)))
 
     def embed_patches(self, ids: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
-        """(B, L) bytes -> (B, S, d): each slot's byte (+ n-grams ending there) + position vector normalised,
-        concatenated, projected."""
+        """(B, L) bytes -> (B, S, d): slot byte (+ its n-grams) + slot position, normalised, concatenated, projected."""
         x = self.byte_emb(ids)
-        if self.patch_ngrams is not None:
-            x = x + self.patch_ngrams(ids)
+        x = x + self.patch_ngrams(ids) if self.patch_ngrams is not None else x
         return self.patch_proj(rms_norm(self.to_slots(x, patch, slot) + self.slot_pos).flatten(2))
 
     def encode(self, patches: Tensor) -> Tensor:
@@ -712,15 +703,12 @@ class ByteJEPA(nn.Module):
     def decode(self, ids: Tensor, predicted: Tensor, patch: Tensor, slot: Tensor) -> Tensor:
         """Decoder states (B, L, dd). Byte i of patch p reads byte i-1 (BOS for i = 0) and the latent predicted
         from patches < p (the start latent for p = 0), so its state depends on bytes < i only."""
-        B, L = ids.shape
-        start = self.start_latent.to(predicted.dtype).expand(B, 1, -1)
+        start = self.start_latent.to(predicted.dtype).expand(ids.size(0), 1, -1)
         conds = self.conditioning(torch.cat((start, predicted[:, :-1]), dim=1), patch, slot)
         prev = F.pad(ids[:, :-1], (1, 0), value=BOS_ID)
         x = self.dec_emb(prev).to(conds[0].dtype) + conds[0]  # bf16 under autocast, like the encoder's stream
-        if self.dec_ngrams is not None:
-            x = x + self.dec_ngrams(prev)
-        if self.smear is not None:
-            x = self.smear(x, prev)
+        x = x + self.dec_ngrams(prev) if self.dec_ngrams is not None else x
+        x = self.smear(x, prev) if self.smear is not None else x
         x0 = x
         for i, block in enumerate(self.dec_blocks):
             x = block(x + conds[i] if 0 < i < len(conds) else x, x0)
@@ -738,7 +726,6 @@ class ByteJEPA(nn.Module):
         return self.logits(self.hidden_states(ids)[2])
 
     def logits(self, h: Tensor) -> Tensor:
-        """Float logits of decoder states; with LOGIT_SOFTCAP c, c*tanh(logits/c), bounded and smooth."""
         z = self.head(h).float()
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
@@ -749,8 +736,7 @@ class ByteJEPA(nn.Module):
         logits = self.logits(h[:, 1:])
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
         if directions is None:
-            zero = ce.new_zeros(())
-            return ce, zero, zero
+            return ce, ce.new_zeros(()), ce.new_zeros(())
         targets = self.projector(patches)
         if self.patching == "fixed":
             mse, real = F.mse_loss(predicted[:, :-1].float(), targets[:, 1:].detach().float()), None
@@ -762,7 +748,6 @@ class ByteJEPA(nn.Module):
 
 
 def build_model(args: Hyperparameters) -> ByteJEPA:
-    """The model on CPU in float32, initialised from SEED."""
     torch.manual_seed(args.seed)
     return ByteJEPA(args)
 
@@ -778,14 +763,13 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
     encoder_apps = args.num_layers * args.encoder_repeats
     head_hidden = 2 * (d * m * d + m * d * L)  # LatentHead: d -> m*d -> L
     conditioning = args.latent_inject_layers * 2 * L * dd * (patches * P if args.latent_per_slot else patches)
-    f = dict(
-        patch_embedding=2 * P * d * d * patches,
-        encoder_blocks=encoder_apps * patches * 2 * (2 * d * d + 2 * d * kv + 2 * m * d * d),
-        encoder_attention=encoder_apps * 4 * d * causal_pairs(patches),
-        jepa_heads=patches * head_hidden,
-        decoder_blocks=conditioning + args.decoder_layers * T * 2 * (4 * dd * dd + 2 * m * dd * dd),
-        decoder_attention=args.decoder_layers * 4 * dd * (causal_pairs(W) + (T - W) * W),  # query i: min(i+1, W)
-        output_head=2 * dd * args.vocab_size * (T - 1 if training else T))  # training scores positions 1..
+    f = dict(patch_embedding=2 * P * d * d * patches,
+             encoder_blocks=encoder_apps * patches * 2 * (2 * d * d + 2 * d * kv + 2 * m * d * d),
+             encoder_attention=encoder_apps * 4 * d * causal_pairs(patches),
+             jepa_heads=patches * head_hidden,
+             decoder_blocks=conditioning + args.decoder_layers * T * 2 * (4 * dd * dd + 2 * m * dd * dd),
+             decoder_attention=args.decoder_layers * 4 * dd * (causal_pairs(W) + (T - W) * W),  # query i: min(i+1, W)
+             output_head=2 * dd * args.vocab_size * (T - 1 if training else T))  # training scores positions 1..
     if args.ngram_buckets:
         f["ngram_embeddings"] = 2 * args.ngram_dim * (d + dd) * T
     if training:
@@ -795,7 +779,6 @@ def flops_per_byte(args: Hyperparameters, training: bool) -> dict[str, float]:
 
 
 # ---- Runtime and optimizers: process group, Muon (orthogonalisation shared across ranks), Adam groups -----------
-
 
 def check_device(args: Hyperparameters) -> None:
     """CUDA unless asked otherwise: without this, a driver mismatch would silently train on 8 CPU processes."""
@@ -830,6 +813,11 @@ class CollectiveFailed(RunError):
     exit_code = 7
 
 
+# torch 2.5's names for the single-tensor collectives, deprecated for these in later versions
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class Runtime:
     """CUDA (NCCL, bf16 autocast) or CPU (gloo, float32). TF32 stays off: SIGReg's and GPTQ's matmuls must be exact."""
 
@@ -853,16 +841,27 @@ class Runtime:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
 
     def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, group=None) -> Tensor:
-        if self.world > 1:
-            try:
-                dist.all_reduce(t, op=op, group=group)
-            except RuntimeError as e:  # gloo raises here; NCCL's watchdog ends a timed-out process itself
-                timed_out = "timed out" in str(e).lower()
-                why = f"waited past COLLECTIVE_TIMEOUT_SECONDS={self.timeout.total_seconds():g}" if timed_out else \
-                    f"another rank has gone ({str(e).split('] ')[-1].split('. ')[0]})"  # gloo's first sentence
-                raise CollectiveFailed(f"rank {self.rank}: all_reduce during {self.phase} failed: {why}",
-                                       None if timed_out else 1) from None
-        return t
+        return self.collective("all_reduce", dist.all_reduce, t, op=op, group=group) if self.world > 1 else t
+
+    def all_gather(self, t: Tensor) -> Tensor:  # every rank's t, stacked in rank order along dim 0
+        out = t.new_empty(self.world * t.size(0), *t.shape[1:])
+        return self.collective("all_gather", ALL_GATHER, out, t) if self.world > 1 else t
+
+    def reduce_scatter(self, t: Tensor) -> Tensor:  # rank r: the r-th of world parts of t (dim 0), summed over ranks
+        out = t.new_empty(t.size(0) // self.world, *t.shape[1:])
+        return self.collective("reduce_scatter", REDUCE_SCATTER, out, t) if self.world > 1 else t
+
+    def collective(self, name: str, fn, out: Tensor, *args, **kwargs) -> Tensor:
+        """fn(out, *args, **kwargs) on every rank; a rank gone or a timeout ends this one with one line."""
+        try:
+            fn(out, *args, **kwargs)
+        except RuntimeError as e:  # gloo raises here; NCCL's watchdog ends a timed-out process itself
+            timed_out = "timed out" in str(e).lower()
+            why = f"waited past COLLECTIVE_TIMEOUT_SECONDS={self.timeout.total_seconds():g}" if timed_out else \
+                f"another rank has gone ({str(e).split('] ')[-1].split('. ')[0]})"  # gloo's first sentence
+            raise CollectiveFailed(f"rank {self.rank}: {name} during {self.phase} failed: {why}",
+                                   None if timed_out else 1) from None
+        return out
 
     def meet(self, *values: float, phase: str | None = None) -> list[float]:
         """Every rank meets here (in `phase`, if given): values maxed over ranks on the host; a stop signal ends all."""
@@ -886,7 +885,6 @@ class Runtime:
 
 
 def all_reduce_grads(params: list[Tensor], rt: Runtime) -> None:
-    """Sums gradients over ranks in one flat buffer (a missing gradient counts as zero)."""
     if rt.world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -896,46 +894,55 @@ def all_reduce_grads(params: list[Tensor], rt: Runtime) -> None:
 
 
 def newton_schulz_orthogonalize(g: Tensor, steps: int) -> Tensor:
-    """Approximate U V^T of g = U S V^T with a quintic Newton-Schulz iteration (bf16 on CUDA)."""
+    """U V^T of each matrix g = U S V^T of a stack, by quintic Newton-Schulz (bf16 on CUDA); zero stays zero."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
-    x = x.T if tall else x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum (rows at unit norm with row_norm: MuonEq-R), orthogonalised, after decoupled weight decay.
-    Rank r orthogonalises parameters r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
+    Same-shape matrices form a stack, zero-padded to a multiple of the world size: a reduce-scatter (no all-reduce)
+    gives rank r the r-th share of its summed gradients (a missing one is zero, as on every rank), one batched
+    Newton-Schulz (compiled on CUDA) orthogonalises it, and an all-gather gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rt: Runtime, weight_decay: float = 0.0,
                  row_norm: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, row_norm=row_norm))
         self.rt = rt
+        self.orthogonalize = (torch.compile(newton_schulz_orthogonalize, fullgraph=True) if rt.compile
+                              else newton_schulz_orthogonalize)
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-            updates = flat.split([p.numel() for p in params])  # views: filled below, then summed over ranks
-            for i, (p, update) in enumerate(zip(params, updates)):
-                if i % self.rt.world == self.rt.rank and p.grad is not None:
+            stacks = {}
+            for p in group["params"]:
+                stacks.setdefault(p.shape, []).append(p)
+            params, updates = [p for stack in stacks.values() for p in stack], []
+            for shape, stack in stacks.items():
+                share = -(-len(stack) // self.rt.world)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stack]
+                grads += [torch.zeros_like(grads[0])] * (share * self.rt.world - len(stack))
+                g = self.rt.reduce_scatter(torch.stack(grads))  # this rank's share, summed over ranks
+                for i, p in enumerate(stack[self.rt.rank * share:(self.rt.rank + 1) * share]):
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])
-                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7) if group["row_norm"] else g
-                    u = newton_schulz_orthogonalize(g, group["backend_steps"])
-                    update.copy_(u.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5)  # same RMS for tall matrices
-            self.rt.all_reduce(flat)
+                    buf.mul_(group["momentum"]).add_(g[i])
+                    g[i].add_(buf, alpha=group["momentum"])
+                g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7) if group["row_norm"] else g
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: the RMS of wide ones
+                u = self.orthogonalize(g, group["backend_steps"]) * scale
+                updates += self.rt.all_gather(u)[:len(stack)].to(stack[0].dtype).unbind()
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates, params)], alpha=-group["lr"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -957,7 +964,6 @@ def build_optimizers(model: ByteJEPA, args: Hyperparameters, rt: Runtime) -> lis
 
 
 # ---- Training: schedule, weight averaging, late QAT, the wallclock-capped loop ----------------------------------
-
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, cap_ms: float | None = None) -> float:
     """1 until the warmdown, then linear to 0: by steps without a cap, by remaining wallclock with one (WARMDOWN_FRAC
@@ -1017,7 +1023,6 @@ class Diverged(RunError):
 
 
 def set_late_qat(model: nn.Module, on: bool) -> None:
-    """Fake-quantise exactly the linear weights the artifact stores as int6."""
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear):
             m.qat = on and stored_as_int6(f"{name}.weight", m.weight)
@@ -1067,7 +1072,8 @@ class Trainer:
 
     def __init__(self, args: Hyperparameters, rt: Runtime, model: ByteJEPA, val_tokens: np.ndarray, log):
         self.args, self.rt, self.model, self.val_tokens, self.log = args, rt, model, val_tokens, log
-        self.params, self.optimizers = list(model.parameters()), build_optimizers(model, args, rt)
+        self.optimizers = build_optimizers(model, args, rt)
+        self.adam_params = [p for group in self.optimizers[0].param_groups for p in group["params"]]  # Muon: its own
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
         self.loader = DistributedTokenLoader(args, rt.rank, rt.device)
         self.worker = ThreadPoolExecutor(max_workers=1)  # the size estimate's; starts its thread on the first submit
@@ -1087,7 +1093,7 @@ class Trainer:
             loss = args.ce_weight * ce + args.jepa_weight * mse + args.sigreg_weight * reg
             (loss / (accum * self.rt.world)).backward()
             ce_total += ce.detach()
-        all_reduce_grads(self.params, self.rt)
+        all_reduce_grads(self.adam_params, self.rt)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * (args.lr_floor + (1.0 - args.lr_floor) * scale)
@@ -1223,7 +1229,6 @@ def stored_as_int6(name: str, t: Tensor) -> bool:
 
 
 def row_scales(w: Tensor, quantile: float, qmax: int = QMAX) -> Tensor:
-    """Per-row fp16 scales that map the row's `quantile` of |w| to qmax (all-zero rows get scale 1)."""
     clip = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1.0 else w.abs().amax(dim=1)
     return torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).half()
 
@@ -1233,7 +1238,6 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
 
 
 def quantize_rtn(w: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor]:
-    """Round to nearest with the clip quantile (one per tensor) of least reconstruction error."""
     w = w.float()
     scales = (row_scales(w, quantile, qmax) for quantile in CLIP_QUANTILES)
     trials = [(torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax).to(torch.int8), s) for s in scales]
@@ -1472,7 +1476,6 @@ def export_artifact(model: ByteJEPA, hessians: dict | None, args: Hyperparameter
 
 # ---- Evaluation: exact BPB, window plans, standard and sliding evaluation, score-first test-time training -------
 
-
 class TargetCountMismatch(RunError):
     """An evaluation scored other targets than the split holds: its score must never be reported."""
     exit_code = 4
@@ -1618,7 +1621,6 @@ def logits_function(model: ByteJEPA, rt: Runtime):
 
 
 def check_targets(totals: Totals, num_tokens: int, name: str) -> None:
-    """Every target of the split scored exactly once in all, over all ranks, or the evaluation is void."""
     if totals.targets != num_tokens - 1:
         raise TargetCountMismatch(f"{name} evaluation scored {totals.targets} targets but the split has "
                                   f"{num_tokens - 1}; its score is void and is not reported")
@@ -1742,7 +1744,6 @@ def evaluate_score_first(model: ByteJEPA, tokens: np.ndarray, args: Hyperparamet
 
 
 # ---- Main: setup -> train -> average -> calibrate/quantise/export -> evaluate -> report -------------------------
-
 
 class Logger:
     """Rank 0 writes each line to the console and to logs/<RUN_ID>.txt, flushed at once: a crash loses nothing."""
@@ -1981,7 +1982,6 @@ def main() -> int:
 
 
 def stop_line(e: Stopped, rt: Runtime) -> str:
-    """Where the stop signal ended the run, and what is left to do."""
     launch = "python3" if rt.world == 1 else f"torchrun --standalone --nproc_per_node={rt.world}"
     return f"stopped by {e} during {rt.phase}; " + (f"the artifact {rt.artifact} is complete: finish the evaluation "
         f"with EVAL_ONLY={rt.artifact} {launch} train_gpt.py and the same knobs" if rt.artifact else

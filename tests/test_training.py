@@ -172,6 +172,62 @@ def test_muon_steps_match_nesterov_momentum_then_newton_schulz(cpu_runtime, shap
         torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=2e-5)
 
 
+def test_newton_schulz_orthogonalises_each_matrix_of_a_stack_on_its_own():
+    """A stack of one shape, as Muon batches it: each matrix as the float64 iteration makes it from itself alone
+    (its own norm, not the stack's), and a zero matrix (Muon's padding) stays zero."""
+    gen = torch.Generator().manual_seed(2)
+    stack = torch.stack([torch.randn(24, 8, generator=gen) * scale for scale in (1.0, 30.0, 0.0)])
+    out = train_gpt.newton_schulz_orthogonalize(stack, 5)
+    for i in range(2):
+        torch.testing.assert_close(out[i].double(), reference_newton_schulz(stack[i]), rtol=0, atol=2e-5)
+    assert out[2].abs().max().item() == 0.0
+
+
+class RankZeroOfTwo:
+    """Rank 0 of a world of 2 for Muon, recording what it sends. Rank 1's gradients are taken to be 3 times rank 0's,
+    so the reduce-scatter returns 4 times rank 0's share; the all-gather returns what rank 0 sent, then rank 1's
+    updates as the sent ones + 100 (values rank 0 could not have computed)."""
+
+    rank, world, compile = 0, 2, False
+
+    def __init__(self):
+        self.scattered, self.sent = [], []
+
+    def reduce_scatter(self, t):
+        self.scattered.append(t.clone())
+        return 4.0 * t[:t.size(0) // 2]
+
+    def all_gather(self, t):
+        self.sent.append(t.clone())
+        return torch.cat([t, t + 100.0])
+
+
+def test_muon_reduces_and_orthogonalises_its_share_of_each_shape_and_gathers_the_rest():
+    """Three 16x8 matrices and one 8x8 on rank 0 of 2: each shape's gradients are reduce-scattered as one stack,
+    padded with zero matrices to a multiple of 2; rank 0 keeps momentum for, orthogonalises and sends only its share
+    (the first two 16x8, the 8x8), from the gradients summed over ranks; every parameter then takes its update from
+    the gathered stack, rank 1's included, in the stack's order."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.zeros(*shape)) for shape in [(16, 8), (8, 8), (16, 8), (16, 8)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    rt = RankZeroOfTwo()
+    opt = train_gpt.Muon(params, lr=0.1, momentum=0.5, backend_steps=5, rt=rt)
+    opt.step()
+    tall_grads, square_grads = rt.scattered
+    torch.testing.assert_close(tall_grads, torch.stack([params[0].grad, params[2].grad, params[3].grad,
+                                                        torch.zeros(16, 8)]), rtol=0, atol=0)
+    torch.testing.assert_close(square_grads, torch.stack([params[1].grad, torch.zeros(8, 8)]), rtol=0, atol=0)
+    assert [tuple(t.shape) for t in rt.sent] == [(2, 16, 8), (1, 8, 8)]
+    assert set(opt.state) == {params[0], params[2], params[1]}
+    torch.testing.assert_close(opt.state[params[2]]["momentum"], 4.0 * params[2].grad)
+    tall, square = rt.sent
+    for p, sent in [(params[0], tall[0]), (params[2], tall[1]), (params[3], tall[0] + 100), (params[1], square[0])]:
+        torch.testing.assert_close(p.detach(), -0.1 * sent)
+    nesterov = 4.0 * params[0].grad * 1.5  # g + m * (m * 0 + g), with g summed over ranks
+    torch.testing.assert_close(tall[0].double(), reference_newton_schulz(nesterov) * 2 ** 0.5, rtol=0, atol=3e-5)
+
+
 @pytest.mark.parametrize("ngrams", [0, 97])
 def test_optimizer_groups_cover_every_parameter_once(tiny_args, cpu_runtime, ngrams):
     """Embeddings (the n-gram tables among them) and slot positions in Adam at EMBED_LR, the head at HEAD_LR,
