@@ -844,12 +844,12 @@ class Runtime:
         return self.collective("all_reduce", dist.all_reduce, t, op=op, group=group) if self.world > 1 else t
 
     def all_gather(self, t: Tensor) -> Tensor:  # every rank's t, stacked in rank order along dim 0
-        out = t.new_empty(self.world * t.size(0), *t.shape[1:])
-        return self.collective("all_gather", ALL_GATHER, out, t) if self.world > 1 else t
+        return (self.collective("all_gather", ALL_GATHER, t.new_empty(self.world * t.size(0), *t.shape[1:]), t)
+                if self.world > 1 else t)  # one process: no buffer (Muon calls this every step)
 
     def reduce_scatter(self, t: Tensor) -> Tensor:  # rank r: the r-th of world parts of t (dim 0), summed over ranks
-        out = t.new_empty(t.size(0) // self.world, *t.shape[1:])
-        return self.collective("reduce_scatter", REDUCE_SCATTER, out, t) if self.world > 1 else t
+        return (self.collective("reduce_scatter", REDUCE_SCATTER, t.new_empty(t.size(0) // self.world, *t.shape[1:]), t)
+                if self.world > 1 else t)
 
     def collective(self, name: str, fn, out: Tensor, *args, **kwargs) -> Tensor:
         """fn(out, *args, **kwargs) on every rank; a rank gone or a timeout ends this one with one line."""
