@@ -183,12 +183,12 @@ class Hyperparameters:
         self.prequant_eval = knob("PREQUANT_EVAL", True)  # standard eval of the averaged weights (diagnostic)
         self.roundtrip_eval = knob("ROUNDTRIP_EVAL", True)  # standard eval of the artifact's weights
         self.sliding_eval = knob("SLIDING_EVAL", False)  # sliding-window eval of the artifact without TTT
-        self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", max(self.patch_size, min(
-            256, self.train_seq_len // self.patch_size * self.patch_size)), lo=1)  # 256, or the window's whole patches
+        self.val_sliding_stride = knob("VAL_SLIDING_STRIDE", self.patch_size * max(1, min(  # whole patches: 256
+            256, self.train_seq_len) // self.patch_size), lo=1)  # bytes, or the window's, whichever is fewer
         self.ttt_enabled = knob("TTT_ENABLED", True)
         self.ttt_lr = knob("TTT_LR", 0.002, lo=0.0)
         self.ttt_epochs = knob("TTT_EPOCHS", 2, lo=0)
-        self.ttt_chunk_tokens = knob("TTT_CHUNK_TOKENS", 32_768, lo=1)
+        self.ttt_chunk_tokens = knob("TTT_CHUNK_TOKENS", max(1, 32_768 // self.window) * self.window, lo=1)  # windows
         self.ttt_momentum = knob("TTT_MOMENTUM", 0.9, lo=0.0, hi=1.0)
         self.ttt_batch_seqs = knob("TTT_BATCH_SEQS", 32, lo=1)  # adaptation sequences per step, all ranks
         self.ttt_grad_clip = knob("TTT_GRAD_CLIP", 1.0, lo=0.0)  # 0 = no clipping

@@ -345,6 +345,18 @@ def test_window_of_256_needs_no_stride_or_batch_override(monkeypatch):
         train_gpt.Hyperparameters()
 
 
+def test_patches_of_6_need_no_stride_or_chunk_override(monkeypatch):
+    """PATCH_SIZE=6 in a 2,046-byte window: 256 is no multiple of 6 nor 32,768 of the window; the defaults follow."""
+    clear_knobs(monkeypatch)
+    monkeypatch.setenv("PATCH_SIZE", "6")
+    monkeypatch.setenv("TRAIN_SEQ_LEN", "2045")
+    args = train_gpt.Hyperparameters()
+    assert (args.val_sliding_stride, args.ttt_chunk_tokens) == (252, 16 * 2046)
+    clear_knobs(monkeypatch)
+    args = train_gpt.Hyperparameters()
+    assert (args.val_sliding_stride, args.ttt_chunk_tokens) == (256, 32_768)  # the default window: unchanged
+
+
 def test_stride_and_chunk_are_checked_only_when_their_evaluation_runs(tiny_args):
     tiny_args(VAL_SLIDING_STRIDE=64, TTT_CHUNK_TOKENS=200, TTT_ENABLED=0, SLIDING_EVAL=0)  # unused: no error
     for enabled in (dict(TTT_ENABLED=1), dict(TTT_ENABLED=0, SLIDING_EVAL=1)):
