@@ -162,12 +162,12 @@ class Hyperparameters:
         self.embed_lr = knob("EMBED_LR", 0.1, lo=0.0)  # Adam: byte embeddings, patch slot positions
         self.head_lr = knob("HEAD_LR", 0.02, lo=0.0)  # Adam: output head
         self.scalar_lr = knob("SCALAR_LR", 0.025, lo=0.0)  # Adam: scales, mixes, gains, start latent
-        self.muon_momentum = knob("MUON_MOMENTUM", 0.95, lo=0.0, hi=1.0)  # reference 0.99; token records 0.97
+        self.muon_momentum = knob("MUON_MOMENTUM", 0.85, lo=0.0, hi=1.0)  # reference 0.99; records 0.97; rich proxy
         self.muon_momentum_warmup_start = knob("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0.0, hi=1.0)
         self.muon_momentum_warmup_steps = knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = knob("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_row_norm = knob("MUON_ROW_NORM", True)  # MuonEq-R: rows at unit norm before Newton-Schulz
-        self.weight_decay = knob("WEIGHT_DECAY", 0.04, lo=0.0)  # decoupled, on all but Adam's scalar group; reference 0
+        self.weight_decay = knob("WEIGHT_DECAY", 0.0, lo=0.0)  # decoupled, not on scalars; reference 0, records 0.04
         self.beta1 = knob("BETA1", 0.9, lo=0.0, hi=1.0)
         self.beta2 = knob("BETA2", 0.95, lo=0.0, hi=1.0)
         self.adam_eps = knob("ADAM_EPS", 1e-8, lo=0.0)

@@ -51,8 +51,8 @@ REFERENCE_DEFAULTS = dict(
     # conftest
     decoder_dim=480, decoder_window=128, latent_per_slot=True, latent_inject_layers=2, latent_norm=True,
     ngram_buckets=4096, ngram_dim=120, smear_gate=True,
-    logit_softcap=30.0, jepa_weight=0.0, warmdown_frac=0.72, lr_floor=0.1, muon_momentum=0.95, muon_row_norm=True,
-    weight_decay=0.04, late_qat_threshold=0.0,
+    logit_softcap=30.0, jepa_weight=0.0, warmdown_frac=0.72, lr_floor=0.1, muon_momentum=0.85, muon_row_norm=True,
+    weight_decay=0.0, late_qat_threshold=0.0,
     data_path="./data/datasets/fineweb10B_byte260", tokenizer_path="./data/tokenizers/fineweb_pure_byte_260.json",
 )
 
